@@ -1,0 +1,35 @@
+"""nsfw-guard: an in-graph NSFW safety checker for diffusers, on the 4-level EVA02 classifier.
+
+Names are imported on first use, so ``nsfw-guard --help`` does not wait for transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+DEFAULT_MODEL = "Freepik/nsfw_image_detector"
+
+_EXPORTS = {
+    "NSFWDetector": ".detector",
+    "Prediction": ".detector",
+    "NSFWLevel": ".levels",
+}
+
+__all__ = [*_EXPORTS, "DEFAULT_MODEL", "__version__"]
+
+if TYPE_CHECKING:
+    from .detector import NSFWDetector as NSFWDetector
+    from .detector import Prediction as Prediction
+    from .levels import NSFWLevel as NSFWLevel
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'nsfw_guard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,105 @@
+"""The four NSFW levels and the pure tensor functions that turn logits into level scores."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+__all__ = ["NSFWLevel", "cumulative_scores", "levels_from_scores", "mark_unverifiable"]
+
+
+class NSFWLevel(str, Enum):
+    """The model's four levels, ordered ``NEUTRAL < LOW < MEDIUM < HIGH``.
+
+    Members are strings (``NSFWLevel.MEDIUM == "medium"``), so dictionaries keyed by levels
+    answer plain-string lookups too.
+
+    Example:
+        >>> NSFWLevel.parse("Medium") is NSFWLevel.MEDIUM
+        True
+        >>> NSFWLevel.parse(3) > NSFWLevel.LOW
+        True
+    """
+
+    NEUTRAL = "neutral"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+    @property
+    def index(self) -> int:
+        """The class index of this level in the model's output (0 … 3)."""
+        return _ORDER.index(self)
+
+    @classmethod
+    def parse(cls, value: NSFWLevel | str | int) -> NSFWLevel:
+        """Return the level named by ``value``: a member, its name in any case, or its index."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower()
+            for level in _ORDER:
+                if level.value == key:
+                    return level
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(_ORDER):
+            return _ORDER[value]
+        valid = ", ".join(f"{level.value!r} ({level.index})" for level in _ORDER)
+        raise ValueError(f"{value!r} is not an NSFW level; valid levels are {valid}.")
+
+    def __lt__(self, other: object) -> bool:
+        return self.index < NSFWLevel.parse(other).index  # type: ignore[arg-type]
+
+    def __le__(self, other: object) -> bool:
+        return self.index <= NSFWLevel.parse(other).index  # type: ignore[arg-type]
+
+    def __gt__(self, other: object) -> bool:
+        return self.index > NSFWLevel.parse(other).index  # type: ignore[arg-type]
+
+    def __ge__(self, other: object) -> bool:
+        return self.index >= NSFWLevel.parse(other).index  # type: ignore[arg-type]
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ORDER = tuple(NSFWLevel)
+
+
+def cumulative_scores(logits: Tensor) -> Tensor:
+    """Turn ``[B, 4]`` logits into the model card's scores, in float32.
+
+    Column 0 is P(neutral); columns 1-3 are P(level >= low / medium / high), the sums of the
+    softmax probabilities from that level up.
+
+    Example:
+        >>> cumulative_scores(torch.tensor([[0.0, 0.0, 0.0, 0.0]]))
+        tensor([[0.2500, 0.7500, 0.5000, 0.2500]])
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    at_least = probs.flip(-1).cumsum(-1).flip(-1)
+    return torch.cat([probs[:, :1], at_least[:, 1:]], dim=-1)
+
+
+def mark_unverifiable(scores: Tensor, verifiable: Tensor) -> Tensor:
+    """Give every row where ``verifiable`` is false (or whose scores are NaN) the worst case.
+
+    Such images score 0 for neutral and 1 for low, medium and high, decided in-graph.
+    """
+    # Built on the device from the scores themselves: no host-to-device copy per call.
+    worst = torch.cat([torch.zeros_like(scores[:, :1]), torch.ones_like(scores[:, 1:])], dim=1)
+    ok = verifiable & ~scores.isnan().any(dim=-1)
+    return torch.where(ok[:, None], scores, worst)
+
+
+def levels_from_scores(scores: Tensor, threshold: float) -> Tensor:
+    """Per image, the index of the highest level whose score is ``>= threshold`` (0 if none).
+
+    Example:
+        >>> levels_from_scores(torch.tensor([[0.1, 0.9, 0.6, 0.2]]), 0.5)
+        tensor([2])
+    """
+    return (scores[:, 1:] >= threshold).sum(dim=-1)
