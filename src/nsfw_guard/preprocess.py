@@ -1,0 +1,193 @@
+"""In-graph preprocessing: image tensors of any size → the model's normalized input.
+
+Everything here is batched tensor work on the input's device: no PIL, no host sync, no Python
+branch on pixel values. The data config is resolved once, from the checkpoint, and passed down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.data import resolve_data_config
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from .inputs import parse_value_range
+
+__all__ = ["DataConfig", "Preprocess", "resized_size"]
+
+_CROP_MODES = ("squash", "center", "border")
+_TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the model was trained with: input size, resize and normalization.
+
+    Example:
+        >>> cfg = DataConfig.from_pretrained_cfg(
+        ...     {"input_size": (3, 448, 448), "crop_mode": "squash", "crop_pct": 1.0}
+        ... )
+        >>> cfg.input_size, cfg.interpolation
+        ((448, 448), 'bicubic')
+    """
+
+    input_size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    crop_mode: str
+
+    @classmethod
+    def from_pretrained_cfg(cls, pretrained_cfg: dict[str, Any]) -> DataConfig:
+        """Resolve a timm ``pretrained_cfg`` the way timm's own eval transform does."""
+        data = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
+        channels, height, width = data["input_size"]
+        interpolation = str(data["interpolation"]).lower()
+        crop_mode = str(data["crop_mode"]).lower()
+        if channels != 3:
+            raise ValueError(f"the model expects {channels} input channels; only 3 are supported.")
+        if interpolation not in _TENSOR_INTERPOLATIONS:
+            raise ValueError(
+                f"the model's interpolation {interpolation!r} has no tensor implementation; "
+                f"supported: {', '.join(_TENSOR_INTERPOLATIONS)}."
+            )
+        if crop_mode not in _CROP_MODES:
+            raise ValueError(
+                f"the model's crop_mode {crop_mode!r} is not supported; "
+                f"supported: {', '.join(_CROP_MODES)}."
+            )
+        return cls(
+            input_size=(int(height), int(width)),
+            interpolation=interpolation,
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            crop_pct=float(data["crop_pct"]),
+            crop_mode=crop_mode,
+        )
+
+
+def resized_size(height: int, width: int, config: DataConfig) -> list[int]:
+    """The size timm's eval transform resizes an ``height x width`` image to, before its crop.
+
+    ``squash`` scales each edge to ``size / crop_pct`` ignoring the aspect ratio; ``center`` scales
+    the shorter edge and ``border`` the longer one, keeping the aspect ratio. A one-element list
+    means "shorter edge", as in torchvision.
+
+    Example:
+        >>> cfg = DataConfig.from_pretrained_cfg(
+        ...     {"input_size": (3, 448, 448), "crop_mode": "squash", "crop_pct": 1.0}
+        ... )
+        >>> resized_size(300, 500, cfg)
+        [448, 448]
+    """
+    scale_h = math.floor(config.input_size[0] / config.crop_pct)
+    scale_w = math.floor(config.input_size[1] / config.crop_pct)
+    if config.crop_mode == "squash":
+        return [scale_h, scale_w]
+    if config.crop_mode == "center" and scale_h == scale_w:
+        return [scale_h]
+    pick = max if config.crop_mode == "border" else min
+    ratio = pick(height / scale_h, width / scale_w)
+    return [round(height / ratio), round(width / ratio)]
+
+
+class Preprocess(nn.Module):
+    """Images → ``(pixel_values, verifiable)``, all in-graph, on the module's device.
+
+    Takes ``[B, C, H, W]`` images (C: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA; uint8 in 0-255, or
+    float in ``value_range``) and returns float32 ``[B, 3, S, S]`` normalized pixels and a ``[B]``
+    bool mask that is false for images with NaN or Inf pixels (replaced, so the model input stays
+    finite; callers give those images the worst-case score). Float
+    pixels are clamped to their range at full size, like diffusers' denormalize, so the model sees
+    the image people see. Alpha is composited over ``background`` (RGB in [0, 1]). Mean, std and
+    background are buffers: they move with the module, with no host-to-device copy per call.
+
+    Example:
+        >>> cfg = DataConfig.from_pretrained_cfg(
+        ...     {"input_size": (3, 448, 448), "crop_mode": "squash", "crop_pct": 1.0}
+        ... )
+        >>> pixels, ok = Preprocess(cfg)(torch.rand(2, 3, 512, 512) * 2 - 1, "-1,1")
+        >>> pixels.shape, ok.tolist()
+        (torch.Size([2, 3, 448, 448]), [True, True])
+    """
+
+    def __init__(
+        self, config: DataConfig, background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ):
+        super().__init__()
+        if len(background) != 3 or not all(0.0 <= float(v) <= 1.0 for v in background):
+            raise ValueError(f"background={background!r}: expected an RGB triple in [0, 1].")
+        self.config = config
+        self._interpolation = InterpolationMode(config.interpolation)
+        std = torch.tensor(config.std).view(1, 3, 1, 1)
+        self.register_buffer("inv_std", 1.0 / std, persistent=False)
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "background",
+            torch.tensor(background, dtype=torch.float32).view(1, 3, 1, 1),
+            persistent=False,
+        )
+
+    def forward(self, images: Tensor, value_range: str = "auto") -> tuple[Tensor, Tensor]:
+        value_range = parse_value_range(value_range)
+        given = images
+        is_uint8 = images.dtype == torch.uint8
+        images = images.to(self.mean.device).to(torch.float32)
+        if is_uint8:
+            verifiable = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+            low, high, scale, offset = 0.0, 255.0, 1.0 / 255.0, 0.0
+        else:
+            # A sum is finite only if every pixel is: one cheap read finds NaN and Inf.
+            verifiable = images.flatten(1).sum(dim=1).isfinite()
+            low, high, scale, offset = _float_range(images, value_range)
+            # At full size, like diffusers' denormalize; in place only on our own copy.
+            images = _clamp(images, low, high, inplace=images is not given)
+
+        channels = images.shape[1]
+        if channels in (2, 4):
+            unit = images * scale + offset
+            color, alpha = unit[:, : channels - 1], unit[:, channels - 1 :]
+            images = color * alpha + self.background * (1.0 - alpha)
+            low, high, scale, offset = 0.0, 1.0, 1.0, 0.0
+
+        # Resizing is linear: the range change and normalization are folded into one op on the
+        # smaller resized image. The crop comes last, so the border mode pads with the mean.
+        size = resized_size(images.shape[-2], images.shape[-1], self.config)
+        resized = TF.resize(images, size, interpolation=self._interpolation, antialias=True)
+        resized = _clamp(resized.nan_to_num_(0.0), low, high, inplace=True)
+        weight = self.inv_std * scale
+        bias = (offset - self.mean) * self.inv_std
+        pixels = torch.addcmul(bias, resized, weight)  # (unit - mean) / std, 1 channel → 3
+        return TF.center_crop(pixels, list(self.config.input_size)), verifiable
+
+
+def _float_range(images: Tensor, value_range: str):
+    """``(low, high, scale, offset)``: the pixel range and the affine map from it to [0, 1].
+
+    ``auto`` decides per image (``[B, 1, 1, 1]`` tensors): ``-1,1`` if any pixel is negative.
+    """
+    if value_range == "0,1":
+        return 0.0, 1.0, 1.0, 0.0
+    if value_range == "-1,1":
+        return -1.0, 1.0, 0.5, 0.5
+    signed = (images.flatten(1).amin(dim=1) < 0)[:, None, None, None]
+    return (
+        torch.where(signed, -1.0, 0.0),
+        1.0,
+        torch.where(signed, 0.5, 1.0),
+        torch.where(signed, 0.5, 0.0),
+    )
+
+
+def _clamp(images: Tensor, low: Tensor | float, high: float, inplace: bool) -> Tensor:
+    """Clamp to ``[low, high]``, where ``low`` may be a per-image tensor."""
+    if isinstance(low, Tensor):  # torch.clamp takes two tensors or two numbers, not a mix
+        images = images.clamp_(min=low) if inplace else images.clamp(min=low)
+        return images.clamp_(max=high)
+    return images.clamp_(low, high) if inplace else images.clamp(low, high)
