@@ -1,0 +1,277 @@
+"""``NSFWDetector``: the 4-level classifier, with the API of ``nsfw-image-detector``."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import DEFAULT_MODEL
+from .inputs import ImageBatch, is_single_image, to_image_batches
+from .levels import NSFWLevel, levels_from_scores
+from .model import LoadedModel, load_model
+from .scoring import NSFWScorer
+
+__all__ = ["NSFWDetector", "Prediction"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's verdict.
+
+    ``level`` is the highest level whose score reaches the threshold (``NEUTRAL`` if none),
+    ``scores`` maps each level to its score (P(neutral), then P(level >= low / medium / high)),
+    and ``is_nsfw`` says whether the detector's configured level reached the threshold.
+    """
+
+    level: NSFWLevel
+    scores: dict[NSFWLevel, float]
+    is_nsfw: bool
+
+
+class NSFWDetector:
+    """The 4-level EVA02 NSFW classifier (``Freepik/nsfw_image_detector``) for any image input.
+
+    Accepts PIL images in any mode, numpy arrays and torch tensors on any device (see
+    :mod:`nsfw_guard.inputs`); tensors are preprocessed in-graph on the model's device.
+    Drop-in compatible with the ``nsfw-image-detector`` package: ``NSFWDetector()``,
+    ``predict_proba``, ``is_nsfw`` and ``__call__`` take the same arguments.
+
+    Args:
+        model_name: a Hub id or a local checkpoint folder.
+        device: ``None`` picks CUDA when available, else CPU.
+        dtype: ``None`` picks bf16 where it is fast (CUDA with bf16, CPUs with native bf16
+            instructions; the model was trained in bf16) and float32 elsewhere, where bf16 is
+            emulated and about 6x slower. Scores are always computed in float32.
+        level: the level that :meth:`predict`'s ``is_nsfw`` and :meth:`is_nsfw` check by default.
+        background: RGB in [0, 1] that transparent pixels are composited over (default white).
+        batch_size: images per forward pass; longer inputs run in micro-batches.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> detector = NSFWDetector(str(make_checkpoint(tempfile.mkdtemp(), level="medium")))
+        >>> detector.is_nsfw(Image.new("RGB", (64, 64)))
+        True
+        >>> detector.predict_proba(Image.new("L", (32, 48)))[0]["high"] < 0.5
+        True
+    """
+
+    def __init__(
+        self,
+        model_name: str | os.PathLike = DEFAULT_MODEL,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 16,
+        level: NSFWLevel | str | int = NSFWLevel.MEDIUM,
+        background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer.")
+        self.level = _check_level(level)
+        self.batch_size = batch_size
+        loaded: LoadedModel = load_model(
+            model_name,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+        )
+        self.model = loaded.model
+        self.data_config = loaded.data_config
+        self.scorer = NSFWScorer(loaded.model, loaded.data_config, background).to(
+            next(loaded.model.parameters()).device
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        revision: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        local_files_only: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 16,
+        level: NSFWLevel | str | int = NSFWLevel.MEDIUM,
+        background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ) -> NSFWDetector:
+        """Load the detector from a Hub id (optionally at ``revision``) or a local folder.
+
+        Example:
+            >>> import tempfile
+            >>> from nsfw_guard.testing import make_checkpoint
+            >>> folder = make_checkpoint(tempfile.mkdtemp())
+            >>> NSFWDetector.from_pretrained(folder, device="cpu", dtype=torch.float32).dtype
+            torch.float32
+        """
+        return cls(
+            model,
+            device,
+            dtype,
+            revision=revision,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            level=level,
+            background=background,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model runs on."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's weight dtype."""
+        return next(self.model.parameters()).dtype
+
+    @torch.inference_mode()
+    def preprocess(self, images: Any, value_range: str = "auto") -> Tensor:
+        """The model's input for ``images``: ``[B, 3, S, S]`` in the model's dtype and device.
+
+        Example:
+            >>> detector.preprocess([torch.rand(3, 64, 64), torch.rand(3, 20, 90)]).shape
+            torch.Size([2, 3, 448, 448])
+        """
+        pieces = self._pieces(images, value_range)
+        pixels = [self.scorer.preprocess(b.pixels, b.value_range)[0] for b in pieces]
+        return self._cat(pixels, (0, 3, *self.data_config.input_size)).to(self.dtype)
+
+    @torch.inference_mode()
+    def scores(self, images: Any, value_range: str = "auto") -> Tensor:
+        """``[B, 4]`` float32 scores on the model's device, without a host sync.
+
+        Column 0 is P(neutral), columns 1-3 P(level >= low / medium / high). Images with NaN or
+        Inf pixels score (0, 1, 1, 1): they cannot be verified, so they count as the worst case.
+
+        Example:
+            >>> detector.scores(torch.rand(2, 3, 64, 64) * 2 - 1, value_range="-1,1").shape
+            torch.Size([2, 4])
+        """
+        chunks = []
+        for chunk in self._chunks(self._pieces(images, value_range)):
+            prepared = [self.scorer.preprocess(b.pixels, b.value_range) for b in chunk]
+            pixels = self._cat([p for p, _ in prepared], ())
+            verifiable = self._cat([v for _, v in prepared], ())
+            chunks.append(self.scorer.classify(pixels, verifiable))
+        return self._cat(chunks, (0, 4)).float()
+
+    def predict_proba(self, images: Any, value_range: str = "auto") -> list[dict[NSFWLevel, float]]:
+        """Per image, a dict from each level to its score (keys also match plain strings).
+
+        Example:
+            >>> detector.predict_proba(torch.rand(3, 64, 64))[0]["medium"] > 0.5
+            True
+        """
+        rows = self.scores(images, value_range).tolist()
+        return [dict(zip(NSFWLevel, row, strict=True)) for row in rows]
+
+    def is_nsfw(
+        self,
+        images: Any,
+        level: NSFWLevel | str | int | None = None,
+        threshold: float = 0.5,
+        *,
+        threshold_level: NSFWLevel | str | int | None = None,
+        value_range: str = "auto",
+    ) -> bool | list[bool]:
+        """Whether each image's score at ``level`` is ``>= threshold``.
+
+        ``level`` defaults to the detector's level (medium unless configured); ``threshold_level``
+        is the ``nsfw-image-detector`` name for it. One image gives a bool, a list or batch a list.
+
+        Example:
+            >>> detector.is_nsfw(torch.rand(3, 64, 64), "high", 0.5)
+            False
+        """
+        if level is not None and threshold_level is not None:
+            raise TypeError("pass level or threshold_level, not both.")
+        level = _check_level(level if level is not None else threshold_level or self.level)
+        threshold = _check_threshold(threshold)
+        flags = (self.scores(images, value_range)[:, level.index] >= threshold).tolist()
+        return flags[0] if is_single_image(images) else flags
+
+    __call__ = is_nsfw
+
+    def predict(
+        self, images: Any, threshold: float = 0.5, *, value_range: str = "auto"
+    ) -> list[Prediction]:
+        """Per image, its level, its four scores and whether it is NSFW at the detector's level.
+
+        Example:
+            >>> [p.level for p in detector.predict([torch.rand(3, 64, 64)])]
+            [<NSFWLevel.MEDIUM: 'medium'>]
+        """
+        threshold = _check_threshold(threshold)
+        scores = self.scores(images, value_range)
+        levels = levels_from_scores(scores, threshold)
+        flagged = scores[:, self.level.index] >= threshold
+        return [
+            Prediction(
+                level=NSFWLevel.parse(level),
+                scores=dict(zip(NSFWLevel, row, strict=True)),
+                is_nsfw=flag,
+            )
+            for row, level, flag in zip(
+                scores.tolist(), levels.tolist(), flagged.tolist(), strict=True
+            )
+        ]
+
+    def _pieces(self, images: Any, value_range: str) -> Iterator[ImageBatch]:
+        """The input as image batches of at most ``batch_size`` images each."""
+        for batch in to_image_batches(images, value_range):
+            for start in range(0, batch.pixels.shape[0], self.batch_size):
+                pixels = batch.pixels[start : start + self.batch_size]
+                yield ImageBatch(pixels, batch.value_range)
+
+    def _chunks(self, pieces: Iterator[ImageBatch]) -> Iterator[list[ImageBatch]]:
+        """Group consecutive pieces into forward passes of at most ``batch_size`` images."""
+        chunk: list[ImageBatch] = []
+        count = 0
+        for piece in pieces:
+            size = piece.pixels.shape[0]
+            if chunk and count + size > self.batch_size:
+                yield chunk
+                chunk, count = [], 0
+            chunk.append(piece)
+            count += size
+        if chunk:
+            yield chunk
+
+    def _cat(self, tensors: list[Tensor], empty_shape: tuple[int, ...]) -> Tensor:
+        if len(tensors) == 1:
+            return tensors[0]  # torch.cat would copy it
+        if tensors:
+            return torch.cat(tensors)
+        return torch.empty(empty_shape, device=self.device)
+
+
+def _check_level(level: NSFWLevel | str | int) -> NSFWLevel:
+    level = NSFWLevel.parse(level)
+    if level is NSFWLevel.NEUTRAL:
+        raise ValueError(
+            "level must be 'low', 'medium' or 'high': every image is at least neutral."
+        )
+    return level
+
+
+def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
+    if math.isnan(threshold) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
+    return float(threshold)

@@ -1,0 +1,48 @@
+"""The scoring graph: images → preprocess → classifier → level scores, as one module."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .levels import cumulative_scores, mark_unverifiable
+from .preprocess import DataConfig, Preprocess
+
+__all__ = ["NSFWScorer"]
+
+
+class NSFWScorer(nn.Module):
+    """Score image tensors in-graph: ``[B, C, H, W]`` images → ``[B, 4]`` float32 scores.
+
+    Column 0 is P(neutral), columns 1-3 P(level >= low / medium / high). Images with NaN or Inf
+    pixels, and any image whose scores come out NaN, get the worst case (0, 1, 1, 1). No host
+    sync and no Python branch on tensor values, so it runs under ``torch.export`` and CUDA graphs.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from nsfw_guard.model import load_model
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> loaded = load_model(make_checkpoint(tempfile.mkdtemp(), level="low"), device="cpu")
+        >>> scorer = NSFWScorer(loaded.model, loaded.data_config)
+        >>> scorer(torch.rand(2, 3, 64, 64)).argmax(dim=1).tolist()
+        [1, 1]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_config: DataConfig,
+        background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ):
+        super().__init__()
+        self.preprocess = Preprocess(data_config, background)
+        self.model = model
+
+    def forward(self, images: Tensor, value_range: str = "auto") -> Tensor:
+        pixels, verifiable = self.preprocess(images, value_range)
+        return self.classify(pixels, verifiable)
+
+    def classify(self, pixels: Tensor, verifiable: Tensor) -> Tensor:
+        """Scores for already preprocessed float32 ``pixels`` and their ``verifiable`` mask."""
+        dtype = next(self.model.parameters()).dtype
+        logits = self.model(pixels.to(dtype))
+        return mark_unverifiable(cumulative_scores(logits), verifiable)
