@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    return args.run(args, parser)
+    return args.run(args, args.command_parser)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     _add_model_options(check)
-    check.set_defaults(run=_run_check)
+    check.set_defaults(run=_run_check, command_parser=check)
     return parser
 
 
@@ -109,8 +109,9 @@ def _load_detector(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             batch_size=args.batch_size,
             level=args.level,
         )
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
+    except (OSError, ValueError) as error:  # the model could not be loaded: say why, no usage
+        print(f"nsfw-guard: error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
