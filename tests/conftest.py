@@ -65,3 +65,29 @@ def level_checkpoints(tmp_path_factory) -> dict[str, Path]:
         level: make_checkpoint(tmp_path_factory.mktemp(level), level=level)
         for level in ("neutral", "low", "medium", "high")
     }
+
+
+def make_brightness_checkpoint(folder: Path, pivot: float) -> Path:
+    """A checkpoint whose verdict is 'high' for images brighter than ``pivot``, else 'neutral'.
+
+    ``pivot`` is in the model's normalized pixel units (0 is the dataset mean). The blocks are
+    zeroed into identities, so the pooled feature is the image's mean normalized pixel; the real
+    network still runs end to end.
+    """
+    make_checkpoint(folder)
+    weights = load_file(folder / "model.safetensors")
+    for key in weights:
+        if any(part in key for part in ("attn.proj.", "mlp.fc2.", "pos_embed", "cls_token")):
+            weights[key] = torch.zeros_like(weights[key])
+    patch = weights["timm_model.patch_embed.proj.weight"]
+    patch.zero_()
+    patch[0] = 1.0 / patch[0].numel()
+    bias = weights["timm_model.patch_embed.proj.bias"]
+    bias.zero_()
+    bias[0] = -pivot
+    head = weights[HEAD_WEIGHT]
+    head.zero_()
+    head[3, 0], head[0, 0] = 50.0, -50.0
+    weights["timm_model.head.bias"].zero_()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from torch import Tensor
 
 from . import DEFAULT_MODEL
 from .inputs import ImageBatch, is_single_image, to_image_batches
-from .levels import NSFWLevel, levels_from_scores
+from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
 from .model import LoadedModel, load_model
 from .scoring import NSFWScorer
 
@@ -78,7 +77,7 @@ class NSFWDetector:
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer.")
-        self.level = _check_level(level)
+        self.level = parse_check_level(level)
         self.batch_size = batch_size
         loaded: LoadedModel = load_model(
             model_name,
@@ -88,6 +87,7 @@ class NSFWDetector:
             local_files_only=local_files_only,
             cache_dir=cache_dir,
         )
+        self.checkpoint = loaded
         self.model = loaded.model
         self.data_config = loaded.data_config
         self.scorer = NSFWScorer(loaded.model, loaded.data_config, background).to(
@@ -200,8 +200,8 @@ class NSFWDetector:
         """
         if level is not None and threshold_level is not None:
             raise TypeError("pass level or threshold_level, not both.")
-        level = _check_level(level if level is not None else threshold_level or self.level)
-        threshold = _check_threshold(threshold)
+        level = parse_check_level(level if level is not None else threshold_level or self.level)
+        threshold = check_threshold(threshold)
         flags = (self.scores(images, value_range)[:, level.index] >= threshold).tolist()
         return flags[0] if is_single_image(images) else flags
 
@@ -216,7 +216,7 @@ class NSFWDetector:
             >>> [p.level for p in detector.predict([torch.rand(3, 64, 64)])]
             [<NSFWLevel.MEDIUM: 'medium'>]
         """
-        threshold = _check_threshold(threshold)
+        threshold = check_threshold(threshold)
         scores = self.scores(images, value_range)
         levels = levels_from_scores(scores, threshold)
         flagged = scores[:, self.level.index] >= threshold
@@ -258,20 +258,3 @@ class NSFWDetector:
         if tensors:
             return torch.cat(tensors)
         return torch.empty(empty_shape, device=self.device)
-
-
-def _check_level(level: NSFWLevel | str | int) -> NSFWLevel:
-    level = NSFWLevel.parse(level)
-    if level is NSFWLevel.NEUTRAL:
-        raise ValueError(
-            "level must be 'low', 'medium' or 'high': every image is at least neutral."
-        )
-    return level
-
-
-def _check_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-        raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
-    if math.isnan(threshold) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
-    return float(threshold)

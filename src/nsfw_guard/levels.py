@@ -7,7 +7,14 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-__all__ = ["NSFWLevel", "cumulative_scores", "levels_from_scores", "mark_unverifiable"]
+__all__ = [
+    "NSFWLevel",
+    "check_threshold",
+    "cumulative_scores",
+    "levels_from_scores",
+    "mark_unverifiable",
+    "parse_check_level",
+]
 
 
 class NSFWLevel(str, Enum):
@@ -103,3 +110,22 @@ def levels_from_scores(scores: Tensor, threshold: float) -> Tensor:
         tensor([2])
     """
     return (scores[:, 1:] >= threshold).sum(dim=-1)
+
+
+def parse_check_level(level: NSFWLevel | str | int) -> NSFWLevel:
+    """The level to check at: low, medium or high (every image is at least neutral)."""
+    level = NSFWLevel.parse(level)
+    if level is NSFWLevel.NEUTRAL:
+        raise ValueError(
+            "level must be 'low', 'medium' or 'high': every image is at least neutral."
+        )
+    return level
+
+
+def check_threshold(threshold: float) -> float:
+    """``threshold`` as a float in [0, 1], or a ValueError."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
+    if not 0.0 <= threshold <= 1.0:  # also false for NaN
+        raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
+    return float(threshold)

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .inputs import parse_value_range
 
-__all__ = ["DataConfig", "Preprocess", "resized_size"]
+__all__ = ["DataConfig", "Preprocess", "resized_size", "to_unit_range", "unit_affine"]
 
 _CROP_MODES = ("squash", "center", "border")
 _TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -42,6 +42,18 @@ class DataConfig:
     std: tuple[float, float, float]
     crop_pct: float
     crop_mode: str
+
+    def to_pretrained_cfg(self) -> dict[str, Any]:
+        """This config as timm ``pretrained_cfg`` keys (JSON-friendly), the inverse of
+        :meth:`from_pretrained_cfg`."""
+        return {
+            "input_size": [3, *self.input_size],
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+        }
 
     @classmethod
     def from_pretrained_cfg(cls, pretrained_cfg: dict[str, Any]) -> DataConfig:
@@ -145,7 +157,7 @@ class Preprocess(nn.Module):
         else:
             # A sum is finite only if every pixel is: one cheap read finds NaN and Inf.
             verifiable = images.flatten(1).sum(dim=1).isfinite()
-            low, high, scale, offset = _float_range(images, value_range)
+            low, high, scale, offset = unit_affine(images, value_range)
             # At full size, like diffusers' denormalize; in place only on our own copy.
             images = _clamp(images, low, high, inplace=images is not given)
 
@@ -167,8 +179,24 @@ class Preprocess(nn.Module):
         return TF.center_crop(pixels, list(self.config.input_size)), verifiable
 
 
-def _float_range(images: Tensor, value_range: str):
-    """``(low, high, scale, offset)``: the pixel range and the affine map from it to [0, 1].
+def to_unit_range(images: Tensor, value_range: str = "auto") -> Tensor:
+    """Float32 images in [0, 1]: uint8 scaled, float clamped to ``value_range`` and mapped.
+
+    Non-finite pixels become 0. This is diffusers' denormalize for ``"-1,1"``.
+
+    Example:
+        >>> to_unit_range(torch.tensor([[[[-2.0, 0.0, 0.5]]]]), "-1,1").tolist()
+        [[[[0.0, 0.5, 0.75]]]]
+    """
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32) / 255.0
+    images = images.to(torch.float32)
+    low, high, scale, offset = unit_affine(images, parse_value_range(value_range))
+    return (_clamp(images, low, high, inplace=False) * scale + offset).nan_to_num_(0.0)
+
+
+def unit_affine(images: Tensor, value_range: str):
+    """``(low, high, scale, offset)`` for float images: their range and the map from it to [0, 1].
 
     ``auto`` decides per image (``[B, 1, 1, 1]`` tensors): ``-1,1`` if any pixel is negative.
     """

@@ -1,0 +1,113 @@
+"""The in-graph check step: decoded images → scores → flags → censored images, on one device.
+
+Every integration (the diffusers guard, the checker component) runs this one module, so "no host
+sync, no Python branch on tensor values" is proven once, by exporting it with ``torch.export``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import censor
+from .inputs import parse_value_range
+from .levels import NSFWLevel, check_threshold, parse_check_level
+from .preprocess import to_unit_range, unit_affine
+from .scoring import NSFWScorer
+
+__all__ = ["FLAGGED_RANGES", "CheckOutput", "CheckStep"]
+
+FLAGGED_RANGES = ("unit", "input")
+"""Where censored images come back: ``"unit"`` in [0, 1] (what diffusers' Stable Diffusion
+pipelines expect from a safety checker), ``"input"`` in the input's own value range."""
+
+
+class CheckOutput(NamedTuple):
+    """The check step's results, all on the images' device."""
+
+    images: Tensor
+    """The input with flagged images censored; unflagged images are the input's, bit for bit."""
+    flags: Tensor
+    """``[B]`` bool: the score at the level reached the threshold, or the image is unverifiable."""
+    scores: Tensor
+    """``[B, 4]`` float32 level scores."""
+    verifiable: Tensor
+    """``[B]`` bool: false for images with NaN or Inf pixels (blanked, whatever the action)."""
+
+
+class CheckStep(nn.Module):
+    """Decoded images ``[B, 3, H, W]`` → ``(images_out, flags, scores)``, in-graph.
+
+    Scores every image, flags those whose score at ``level`` is ``>= threshold`` (and those with
+    NaN or Inf pixels, which cannot be verified), and censors the flagged ones with ``action``:
+    images that could not be verified are blanked with ``fill_color`` whatever the action
+    (``"blank"`` uses it too). ``censor_params`` go to the action (``radius=``, ``blocks=``).
+    Any device and dtype; the output keeps the input's.
+
+    Example:
+        >>> import tempfile
+        >>> from nsfw_guard.model import load_model
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> loaded = load_model(make_checkpoint(tempfile.mkdtemp(), level="high"), device="cpu")
+        >>> step = CheckStep(NSFWScorer(loaded.model, loaded.data_config), action="blank")
+        >>> images, flags, scores = step(torch.rand(2, 3, 64, 64) * 2 - 1)
+        >>> flags.tolist(), images.abs().max().item()
+        ([True, True], 0.0)
+    """
+
+    def __init__(
+        self,
+        scorer: NSFWScorer,
+        *,
+        level: NSFWLevel | str | int = NSFWLevel.MEDIUM,
+        threshold: float = 0.5,
+        action: censor.Action = "blur",
+        censor_params: dict[str, Any] | None = None,
+        fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    ):
+        super().__init__()
+        self.scorer = scorer
+        self.level = parse_check_level(level)
+        self.threshold = check_threshold(threshold)
+        self.action = censor.check_action(action)
+        self.fill_color = tuple(float(v) for v in fill_color)
+        self.censor_params = dict(censor_params or {})
+        if self.action == "blank":
+            self.censor_params.setdefault("color", self.fill_color)
+
+    def forward(
+        self, images: Tensor, value_range: str = "-1,1", flagged_range: str = "unit"
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        output = self.run(images, value_range, flagged_range)
+        return output.images, output.flags, output.scores
+
+    def run(
+        self, images: Tensor, value_range: str = "-1,1", flagged_range: str = "unit"
+    ) -> CheckOutput:
+        """Like ``forward``, with the ``verifiable`` mask as well."""
+        value_range = parse_value_range(value_range)
+        if flagged_range not in FLAGGED_RANGES:
+            raise ValueError(f"flagged_range={flagged_range!r}: expected one of {FLAGGED_RANGES}.")
+        pixels, verifiable = self.scorer.preprocess(images, value_range)
+        scores = self.scorer.classify(pixels, verifiable)
+        flags = (scores[:, self.level.index] >= self.threshold) | ~verifiable
+
+        device = images.device
+        flags, verifiable = flags.to(device), verifiable.to(device)
+        unit = to_unit_range(images, value_range)
+        censored = censor.apply(unit, verifiable, self.action, **self.censor_params)
+        censored = censor.apply(censored, ~verifiable, "blank", color=self.fill_color)
+        if flagged_range == "input":
+            censored = _from_unit_range(censored, images, value_range)
+        out = torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
+        return CheckOutput(out, flags, scores.to(device), verifiable)
+
+
+def _from_unit_range(unit: Tensor, like: Tensor, value_range: str) -> Tensor:
+    """Map [0, 1] images back to the value range of ``like``."""
+    if like.dtype == torch.uint8:
+        return (unit * 255.0).round_()
+    _, _, scale, offset = unit_affine(like.to(torch.float32), value_range)
+    return (unit - offset) / scale

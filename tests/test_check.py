@@ -1,0 +1,107 @@
+"""The in-graph check step: flags, censoring, fail-closed on NaN, and a torch.export proof."""
+
+import pytest
+import torch
+
+from nsfw_guard.check import CheckStep
+from nsfw_guard.model import load_model
+from nsfw_guard.scoring import NSFWScorer
+
+from .conftest import make_brightness_checkpoint
+from .test_scoring import HOST_SYNC_OPS
+
+
+def _step(folder, **kwargs) -> CheckStep:
+    loaded = load_model(folder, device="cpu", dtype=torch.float32)
+    return CheckStep(NSFWScorer(loaded.model, loaded.data_config), **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def bright_step(tmp_path_factory):
+    """Flags images brighter than the dataset mean (high), passes darker ones (neutral)."""
+    return _step(make_brightness_checkpoint(tmp_path_factory.mktemp("bright"), 0.0), action="blur")
+
+
+def _batch() -> torch.Tensor:
+    """[-1, 1] images: dark, bright, bright with a NaN pixel, dark."""
+    images = torch.rand(4, 3, 48, 64, generator=torch.Generator().manual_seed(0)) * 0.4
+    images[0] -= 0.8
+    images[1] += 0.4
+    images[2] += 0.4
+    images[2, 1, 5, 5] = float("nan")
+    images[3] -= 0.8
+    return images
+
+
+def test_flags_and_censors_only_flagged_images(bright_step):
+    images = _batch()
+    out, flags, scores = bright_step(images)
+    assert flags.tolist() == [False, True, True, False]
+    assert torch.equal(out[0], images[0]) and torch.equal(out[3], images[3])
+    assert scores.shape == (4, 4) and scores.dtype == torch.float32
+    # Flagged images come back in [0, 1] (diffusers' contract); blurred, not the original.
+    assert out[1].min() >= 0 and out[1].max() <= 1
+    assert (out[1] - (images[1] * 0.5 + 0.5)).abs().mean() > 0.01
+    # The NaN image cannot be verified: worst-case scores, blanked whatever the action.
+    assert scores[2].tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert out[2].eq(0).all()
+
+
+def test_flagged_images_can_keep_the_input_range(bright_step):
+    images = _batch()
+    out = bright_step.run(images, "-1,1", flagged_range="input")
+    assert out.verifiable.tolist() == [True, True, False, True]
+    assert out.images[2].eq(-1).all()  # black in [-1, 1]
+    unit = bright_step.run(images, "-1,1").images
+    torch.testing.assert_close(out.images[1], unit[1] * 2 - 1)
+
+
+def test_keeps_dtype_and_leaves_unflagged_half_images_bit_identical(bright_step):
+    images = _batch().half()
+    out, flags, _ = bright_step(images)
+    assert out.dtype == torch.float16
+    assert torch.equal(out[~flags], images[~flags])
+
+
+@pytest.mark.parametrize("action", ["blur", "pixelate", "blank", "none"])
+def test_actions(tmp_path, action):
+    step = _step(make_brightness_checkpoint(tmp_path, 0.0), action=action, fill_color=(1, 0, 0))
+    images = _batch()[1:2]
+    out, flags, _ = step(images)
+    assert flags.tolist() == [True]
+    unit = images * 0.5 + 0.5
+    if action == "none":
+        torch.testing.assert_close(out, unit)
+    elif action == "blank":
+        assert out[0, 0].eq(1).all() and out[0, 1:].eq(0).all()
+    else:
+        assert (out - unit).abs().mean() > 0.01
+
+
+def test_bad_settings_are_clear_errors(bright_step):
+    scorer = bright_step.scorer
+    with pytest.raises(ValueError, match="level must be 'low', 'medium' or 'high'"):
+        CheckStep(scorer, level="neutral")
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        CheckStep(scorer, threshold=1.5)
+    with pytest.raises(ValueError, match="action='erase'"):
+        CheckStep(scorer, action="erase")
+    with pytest.raises(ValueError, match="flagged_range='pil'"):
+        bright_step.run(_batch(), flagged_range="pil")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_check_step_exports_without_host_sync(bright_step, dtype):
+    images = _batch().to(dtype)
+    exported = torch.export.export(bright_step, (images,))
+    ops = {
+        node.target.__name__.split(".")[0]
+        for node in exported.graph.nodes
+        if node.op == "call_function" and hasattr(node.target, "__name__")
+    }
+    assert not ops & HOST_SYNC_OPS, ops & HOST_SYNC_OPS
+    assert {"where", "_upsample_bicubic2d_aa", "scaled_dot_product_attention"} <= ops
+    fresh = _batch().to(dtype)
+    with torch.inference_mode():
+        for got, expected in zip(exported.module()(fresh), bright_step(fresh), strict=True):
+            torch.testing.assert_close(got, expected, equal_nan=True)
