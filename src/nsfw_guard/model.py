@@ -34,9 +34,18 @@ from . import DEFAULT_MODEL
 from .levels import NSFWLevel
 from .preprocess import DataConfig
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "default_device", "default_dtype", "load_model"]
+__all__ = [
+    "ARCHITECTURE",
+    "LoadedModel",
+    "default_device",
+    "default_dtype",
+    "load_model",
+    "resolve_folder",
+]
 
 LABELS = tuple(level.value for level in NSFWLevel)
+ARCHITECTURE = "eva02_base_patch14_448"
+"""The timm architecture of ``Freepik/nsfw_image_detector``."""
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -107,7 +116,7 @@ def load_model(
     dtype = dtype if dtype is not None else default_dtype(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r}: expected a torch float dtype such as torch.float32.")
-    folder = _resolve_folder(model, revision, local_files_only, cache_dir)
+    folder = resolve_folder(model, revision, local_files_only, cache_dir)
     config_dict = _read_config(folder)
     _check_weights(folder)
 
@@ -159,12 +168,17 @@ def _check_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def _resolve_folder(
+def resolve_folder(
     model: str | os.PathLike,
-    revision: str | None,
-    local_files_only: bool | None,
-    cache_dir: str | os.PathLike | None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Path:
+    """The local folder of a checkpoint: ``model`` itself, or its Hub snapshot (downloaded once).
+
+    Only JSON and safetensors files are fetched. Raises FileNotFoundError for a missing folder and
+    OSError, saying what to do, when a Hub id cannot be had.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         return path
