@@ -15,6 +15,12 @@ _EXPORTS = {
     "NSFWDetector": ".detector",
     "Prediction": ".detector",
     "NSFWLevel": ".levels",
+    "NSFWSafetyChecker": ".safety_checker",
+    "Guard": ".pipelines",
+    "GuardResult": ".pipelines",
+    "GuardWarning": ".pipelines",
+    "guard": ".pipelines",
+    "unguard": ".pipelines",
 }
 
 __all__ = [*_EXPORTS, "DEFAULT_MODEL", "__version__"]
@@ -23,6 +29,12 @@ if TYPE_CHECKING:
     from .detector import NSFWDetector as NSFWDetector
     from .detector import Prediction as Prediction
     from .levels import NSFWLevel as NSFWLevel
+    from .pipelines import Guard as Guard
+    from .pipelines import GuardResult as GuardResult
+    from .pipelines import GuardWarning as GuardWarning
+    from .pipelines import guard as guard
+    from .pipelines import unguard as unguard
+    from .safety_checker import NSFWSafetyChecker as NSFWSafetyChecker
 
 
 def __getattr__(name: str) -> Any:

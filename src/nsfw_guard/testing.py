@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -11,11 +13,10 @@ import torch
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
 from .levels import NSFWLevel
-from .model import LABELS, quiet_transformers
+from .model import ARCHITECTURE, LABELS, quiet_transformers
 
-__all__ = ["ARCHITECTURE", "TINY_MODEL_ARGS", "make_checkpoint"]
+__all__ = ["ARCHITECTURE", "TINY_MODEL_ARGS", "make_checkpoint", "make_tiny_pipeline"]
 
-ARCHITECTURE = "eva02_base_patch14_448"
 PRETRAINED_TAG = "mim_in22k_ft_in22k_in1k"
 TINY_MODEL_ARGS = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 """The real EVA02 architecture and 448x448 input, with one narrow block (65k parameters)."""
@@ -70,3 +71,105 @@ def make_checkpoint(
     with quiet_transformers():
         model.to(dtype).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_tiny_pipeline(
+    kind: Literal["sd", "sd-img2img", "sdxl"] = "sd",
+    folder: str | os.PathLike | None = None,
+    seed: int = 0,
+):
+    """A tiny random-weight diffusers pipeline, built offline, that makes 64x64 images.
+
+    ``sd`` is a ``StableDiffusionPipeline`` (it has a ``safety_checker`` slot, left empty),
+    ``sd-img2img`` its img2img sibling, ``sdxl`` a ``StableDiffusionXLPipeline`` (no checker of
+    its own). Its CLIP tokenizer files are written to ``folder`` (a temporary one if ``None``).
+
+    Example:
+        >>> pipe = make_tiny_pipeline("sdxl")
+        >>> pipe("a prompt", num_inference_steps=2, output_type="np").images.shape
+        (1, 64, 64, 3)
+    """
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    pipeline_class = {
+        "sd": diffusers.StableDiffusionPipeline,
+        "sd-img2img": diffusers.StableDiffusionImg2ImgPipeline,
+        "sdxl": diffusers.StableDiffusionXLPipeline,
+    }.get(kind)
+    if pipeline_class is None:
+        raise ValueError(f"kind={kind!r}: expected 'sd', 'sd-img2img' or 'sdxl'.")
+    xl = kind == "sdxl"
+    tokenizer = _tiny_tokenizer(Path(folder) if folder else Path(tempfile.mkdtemp()))
+    text_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        vocab_size=1000,
+        hidden_size=32 if xl else 8,
+        intermediate_size=37 if xl else 16,
+        num_attention_heads=4 if xl else 2,
+        num_hidden_layers=2,
+        projection_dim=32,
+    )
+    # SDXL's UNet also takes the pooled text embedding and the size/crop conditioning.
+    xl_unet_args = {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 80,  # 6 time ids x 8 + 32 pooled
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(
+            block_out_channels=(4, 8),
+            layers_per_block=1,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=2,
+            cross_attention_dim=64 if xl else 8,
+            **(xl_unet_args if xl else {}),
+        )
+        vae = diffusers.AutoencoderKL(
+            block_out_channels=[4, 8],
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            norm_num_groups=2,
+        )
+        components = {
+            "unet": unet,
+            "vae": vae,
+            "scheduler": diffusers.EulerDiscreteScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+            ),
+            "text_encoder": CLIPTextModel(text_config),
+            "tokenizer": tokenizer,
+            "feature_extractor": None,
+            "image_encoder": None,
+        }
+        if xl:
+            components["text_encoder_2"] = CLIPTextModelWithProjection(text_config)
+            components["tokenizer_2"] = tokenizer
+        else:
+            components.update(safety_checker=None, requires_safety_checker=False)
+    pipe = pipeline_class(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<|startoftext|>", "<|endoftext|>", "!", *letters, *(f"{c}</w>" for c in letters)]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
