@@ -322,3 +322,19 @@ def test_pil_output_is_real_images(pipes, level_checkpoints):
     finally:
         g.remove()
     assert all(isinstance(image, Image.Image) and image.size == (64, 64) for image in images)
+
+
+def test_pipeline_dtype_changes_leave_the_checker_dtype(pipes, level_checkpoints):
+    from nsfw_guard.model import default_dtype
+
+    pipe = pipes["sd"]
+    g = guard(pipe, model=level_checkpoints["high"], action="blank")
+    try:
+        pipe.to(torch.bfloat16)
+        assert pipe.unet.dtype == torch.bfloat16
+        assert g.checker.dtype == default_dtype("cpu")
+        pipe.to(torch.float32)
+        assert g.checker.dtype == default_dtype("cpu")
+        assert (_run(pipe, "sd").images == 0).all()
+    finally:
+        g.remove()
