@@ -9,7 +9,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    TextToVideoSDPipeline,
+    UNet2DModel,
+    UNet3DConditionModel,
+)
 from PIL import Image
 
 from nsfw_guard import GuardWarning, NSFWDetector, NSFWSafetyChecker, guard, unguard
@@ -338,3 +346,55 @@ def test_pipeline_dtype_changes_leave_the_checker_dtype(pipes, level_checkpoints
         assert (_run(pipe, "sd").images == 0).all()
     finally:
         g.remove()
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_works_under_model_cpu_offload(level_checkpoints, kind, tmp_path):
+    # No accelerator here: diffusers' offload machinery runs for real with the CPU as its device.
+    pipe = make_tiny_pipeline(kind, tmp_path)
+    baseline = _run(pipe, kind).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    guard(pipe, model=level_checkpoints["neutral"], action="blank")
+    try:
+        for _ in range(2):  # the re-enable at the end of each call moves components around
+            np.testing.assert_array_equal(_run(pipe, kind).images, baseline)
+        guard(pipe, model=level_checkpoints["high"], action="blank")
+        out = _run(pipe, kind)
+        assert (out.images == 0).all() and len(pipe._nsfw_guard.last) == 2
+    finally:
+        unguard(pipe)
+
+
+def test_video_frames_are_checked_one_by_one(pipes, tmp_path):
+    sd = pipes["sd"]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet3DConditionModel(
+            block_out_channels=(4, 8),
+            layers_per_block=1,
+            sample_size=32,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            cross_attention_dim=8,
+            attention_head_dim=4,
+            norm_num_groups=2,
+        )
+    video = TextToVideoSDPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(),
+    )
+    video.set_progress_bar_config(disable=True)
+    inputs = {"num_inference_steps": 2, "num_frames": 3, "height": 64, "width": 64}
+    baseline = video("a cat", output_type="np", generator=torch.manual_seed(0), **inputs).frames
+    # A pivot far below any frame: every frame is flagged, each checked as an image.
+    g = guard(video, model=make_brightness_checkpoint(tmp_path, -10.0), action="blank")
+    try:
+        frames = video("a cat", output_type="np", generator=torch.manual_seed(0), **inputs).frames
+    finally:
+        g.remove()
+    assert frames.shape == baseline.shape == (1, 3, 64, 64, 3)
+    assert len(g.last) == 3 and all(r.flagged for r in g.last)
+    assert (frames == 0).all()
