@@ -18,7 +18,15 @@ from torchvision.transforms.v2 import functional as TF
 
 from .inputs import parse_value_range
 
-__all__ = ["DataConfig", "Preprocess", "resized_size", "to_unit_range", "unit_affine"]
+__all__ = [
+    "WHITE",
+    "DataConfig",
+    "Preprocess",
+    "composite_alpha",
+    "resized_size",
+    "to_unit_range",
+    "unit_affine",
+]
 
 _CROP_MODES = ("squash", "center", "border")
 _TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -161,11 +169,8 @@ class Preprocess(nn.Module):
             # At full size, like diffusers' denormalize; in place only on our own copy.
             images = _clamp(images, low, high, inplace=images is not given)
 
-        channels = images.shape[1]
-        if channels in (2, 4):
-            unit = images * scale + offset
-            color, alpha = unit[:, : channels - 1], unit[:, channels - 1 :]
-            images = color * alpha + self.background * (1.0 - alpha)
+        if images.shape[1] in (2, 4):
+            images = composite_alpha(images * scale + offset, self.background)
             low, high, scale, offset = 0.0, 1.0, 1.0, 0.0
 
         # Resizing is linear: the range change and normalization are folded into one op on the
@@ -177,6 +182,27 @@ class Preprocess(nn.Module):
         bias = (offset - self.mean) * self.inv_std
         pixels = torch.addcmul(bias, resized, weight)  # (unit - mean) / std, 1 channel → 3
         return TF.center_crop(pixels, list(self.config.input_size)), verifiable
+
+
+WHITE = (1.0, 1.0, 1.0)
+
+
+def composite_alpha(unit: Tensor, background: Tensor | tuple[float, float, float]) -> Tensor:
+    """``[B, C, H, W]`` images in [0, 1] with alpha (C 2 or 4) → RGB over ``background``.
+
+    Other images pass through; gray ones stay one channel.
+
+    Example:
+        >>> composite_alpha(torch.tensor([[[[0.0]], [[0.25]]]]), (1.0, 1.0, 1.0)).flatten().tolist()
+        [0.75, 0.75, 0.75]
+    """
+    channels = unit.shape[1]
+    if channels not in (2, 4):
+        return unit
+    if not isinstance(background, Tensor):
+        background = torch.tensor(background, dtype=unit.dtype, device=unit.device)
+    color, alpha = unit[:, : channels - 1], unit[:, channels - 1 :]
+    return color * alpha + background.view(1, 3, 1, 1) * (1.0 - alpha)
 
 
 def to_unit_range(images: Tensor, value_range: str = "auto") -> Tensor:
