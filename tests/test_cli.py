@@ -84,7 +84,8 @@ def test_console_script_and_module_entry_points():
     for command in ([script, "--version"], [sys.executable, "-m", "nsfw_guard", "--version"]):
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         assert result.stdout.strip() == f"nsfw-guard {__version__}"
-    result = subprocess.run(
-        [sys.executable, "-m", "nsfw_guard", "check", "--help"], capture_output=True, text=True
-    )
-    assert result.returncode == 0 and "Examples:" in result.stdout
+    for command in ("check", "scan"):
+        result = subprocess.run(
+            [sys.executable, "-m", "nsfw_guard", command, "--help"], capture_output=True, text=True
+        )
+        assert result.returncode == 0 and "Examples:" in result.stdout
