@@ -67,18 +67,24 @@ def machine_slug(info: dict[str, Any]) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def print_table(title: str, rows: list[dict[str, Any]]) -> None:
-    """Print ``rows`` (dicts with the same keys) as a markdown table."""
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """``rows`` (dicts with the same keys) as a markdown table, optionally only ``columns``."""
     if not rows:
-        return
-    columns = list(rows[0])
+        return ""
+    columns = columns or list(rows[0])
     cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells:
-        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |")
+        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    """Print ``rows`` as a markdown table under ``title``."""
+    if rows:
+        print(f"\n### {title}\n\n{markdown_table(rows)}")
 
 
 def write_json(name: str, payload: dict[str, Any], path: Path | None = None) -> Path:

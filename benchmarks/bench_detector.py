@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ def bench_preprocess(device: torch.device, quick: bool) -> list[dict]:
     for size in (512, 1024):
         for batch in (1, 4, 16):
             images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-            repeats = 5 if quick else 20
+            repeats = 5 if quick else 30
             pil, _ = measure(lambda images=images: pil_path(images), device, repeats)
             ours, _ = measure(
                 lambda images=images: detector.preprocess(images, value_range="-1,1"),
@@ -155,6 +156,16 @@ def _peak_rss_mib() -> float | None:
     return None
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One row for several runs of a package: median times, highest peak memory."""
+    row = dict(runs[0])
+    for key in ("load_s", "s_per_image"):
+        row[key] = statistics.median(run[key] for run in runs)
+    row["peak_rss_mib"] = max(run["peak_rss_mib"] or 0 for run in runs)
+    row["runs"] = len(runs)
+    return row
+
+
 def bench_defaults(folder: str, device: torch.device, quick: bool) -> list[dict]:
     """This detector's defaults vs the seed package's, each in its own process, same image."""
     try:
@@ -170,22 +181,25 @@ def bench_defaults(folder: str, device: torch.device, quick: bool) -> list[dict]
         settings.append(("AVX2 only (emulated)", AVX2_ONLY))
     rows = []
     for isa, env in settings:
-        pair = []
-        for which in ("ours", "seed"):
-            repeats = 1 if quick or (which == "seed" and env) else 3
-            command = [sys.executable, __file__, "--_one", which, "--model", folder]
-            result = subprocess.run(
-                [*command, "--repeats", str(repeats)],
-                capture_output=True,
-                text=True,
-                check=True,
-                env={**os.environ, **env},
-            )
-            pair.append({"cpu_isa": isa, **json.loads(result.stdout.strip().splitlines()[-1])})
-        ours, seed = pair
+        # Alternate the two packages over several rounds: this machine's speed drifts by
+        # several percent, and a fixed order would bias the comparison.
+        runs: dict[str, list[dict]] = {"ours": [], "seed": []}
+        for _ in range(1 if quick else 3):
+            for which in runs:
+                repeats = 1 if quick else 2 if (which == "seed" and env) else 3
+                command = [sys.executable, __file__, "--_one", which, "--model", folder]
+                result = subprocess.run(
+                    [*command, "--repeats", str(repeats)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**os.environ, **env},
+                )
+                runs[which].append(json.loads(result.stdout.strip().splitlines()[-1]))
+        ours, seed = (_median_run(runs[which]) for which in ("ours", "seed"))
         ours["speedup_vs_seed"] = seed["s_per_image"] / ours["s_per_image"]
         seed["speedup_vs_seed"] = 1.0
-        rows += pair
+        rows += [{"cpu_isa": isa, **ours}, {"cpu_isa": isa, **seed}]
     return rows
 
 
