@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from nsfw_guard.model import default_dtype
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -49,6 +51,7 @@ def machine() -> dict[str, Any]:
     info = {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
+        "cpu_native_bf16": default_dtype("cpu") == torch.bfloat16,
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),

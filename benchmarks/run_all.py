@@ -55,7 +55,8 @@ def run(checker: str | None, skip_gpu: bool) -> dict:
 def render(results: dict) -> str:
     """The markdown that README.md includes."""
     info = results["machine"]
-    where = f"{info['cpu']} ({info['cpu_cores']} cores)" + (
+    bf16 = {True: ", native bf16", False: ", no native bf16"}.get(info.get("cpu_native_bf16"), "")
+    where = f"{info['cpu']} ({info['cpu_cores']} cores{bf16})" + (
         f", {info['gpu']}" if info["gpu"] else ", no GPU"
     )
     parts = [
