@@ -148,7 +148,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=_DTYPES,
-        help="auto: bfloat16 on CUDA, float32 on CPU (default: auto)",
+        help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (default: auto)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
 
