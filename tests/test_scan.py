@@ -236,7 +236,7 @@ def test_two_processes_give_the_same_records_as_one(folder, level_checkpoints, t
     assert one.returncode == EXIT_FILE_ERRORS, one.stderr
     double = tmp_path / "double.jsonl"
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533"]
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2"]  # a free port
     command += ["-m", "nsfw_guard", *common, "--output", str(double)]
     two = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert "2 processes" in two.stderr, two.stderr[-3000:]
