@@ -27,9 +27,13 @@ def _card_reference_scores(detector, images) -> torch.Tensor:
 def test_scores_match_the_model_card_reference_on_real_photos(detector, rgb_photos):
     reference = _card_reference_scores(detector, rgb_photos)
     ours = detector.scores(rgb_photos)
-    # The sharpened head spreads scores over most of [0, 1], so this is a real comparison.
-    assert reference[:, 2].max() - reference[:, 2].min() > 0.5
-    assert len({round(v, 2) for v in reference[:, 2].tolist()}) == len(rgb_photos)
+    # The sharpened head spreads scores far from uniform, with both verdicts at 0.5 in some
+    # column and a different score row per photo, so this is a real comparison.
+    levels = reference[:, 1:]
+    assert (levels.amax(dim=0) - levels.amin(dim=0)).max() > 0.5
+    verdicts = levels >= 0.5
+    assert (verdicts.any(dim=0) & ~verdicts.all(dim=0)).any()
+    assert len({tuple(row) for row in reference.round(decimals=2).tolist()}) == len(rgb_photos)
     assert (ours - reference).abs().max() <= 0.01
     for column in (1, 2, 3):
         assert (ours[:, column] >= 0.5).tolist() == (reference[:, column] >= 0.5).tolist()

@@ -85,7 +85,9 @@ def test_alpha_is_composited_over_white(detector, photo, rgb_array, alpha, mode)
         image = rgba.convert("RGBa")
         equivalent = _over_white(np.array(image.convert("RGBA"))[..., :3], alpha)
     elif mode == "PA":
-        image = rgba.convert("PA")
+        # Pillow < 11 drops alpha converting RGBA to PA, so the alpha band is put in explicitly.
+        image = rgba.convert("RGB").convert("P").convert("PA")
+        image.putalpha(Image.fromarray(alpha))
         equivalent = _over_white(np.array(image.convert("RGB")), alpha)
     else:
         image = photo.convert("P")

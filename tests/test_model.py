@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.models import save_for_hf
+from timm.models._hub import save_for_hf  # public in timm.models only from later 1.0.x
 
 from nsfw_guard import NSFWDetector
 from nsfw_guard.model import LABELS, default_dtype, load_model

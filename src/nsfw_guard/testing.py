@@ -10,6 +10,7 @@ from typing import Literal
 
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
 from .levels import NSFWLevel
@@ -70,7 +71,21 @@ def make_checkpoint(
     folder = Path(path)
     with quiet_transformers():
         model.to(dtype).save_pretrained(folder, safe_serialization=True)
+    _prefix_weight_keys(folder / "model.safetensors")
     return folder
+
+
+def _prefix_weight_keys(file: Path, prefix: str = "timm_model.") -> None:
+    """Give every weight key the Hub's ``timm_model.`` prefix.
+
+    transformers 4.x saves TimmWrapper weights without it (timm's own layout); 5.x, like the Hub
+    file, with it. Both load; this keeps the checkpoint the Hub's exact format on either.
+    """
+    weights = load_file(file)
+    if all(key.startswith(prefix) for key in weights):
+        return
+    weights = {key if key.startswith(prefix) else prefix + key: v for key, v in weights.items()}
+    save_file(weights, file, metadata={"format": "pt"})
 
 
 def make_tiny_pipeline(
