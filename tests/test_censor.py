@@ -31,19 +31,40 @@ def test_blur_removes_detail_and_scales_with_the_image(photos_tensor):
     assert (censor.blur(big) - small_then_up).abs().mean() < 0.02
 
 
-def test_pixelate_makes_a_grid_of_flat_blocks(photos_tensor):
-    pixelated = censor.pixelate(photos_tensor, blocks=8)  # 256 x 192 → 8 x 6 cells of 32 px
+@pytest.mark.parametrize("block_size", [32, 16])
+def test_pixelate_makes_a_grid_of_flat_blocks_of_block_size(photos_tensor, block_size):
+    pixelated = censor.pixelate(photos_tensor, block_size=block_size)  # 192 x 256 images
     assert pixelated.shape == photos_tensor.shape
-    cells = pixelated.unfold(2, 32, 32).unfold(3, 32, 32)
-    assert cells.shape[2:4] == (6, 8)
+    cells = pixelated.unfold(2, block_size, block_size).unfold(3, block_size, block_size)
+    assert cells.shape[2:4] == (192 // block_size, 256 // block_size)
     assert torch.all(cells.amax(dim=(-1, -2)) == cells.amin(dim=(-1, -2)))
     assert (pixelated - photos_tensor).abs().mean() > 0.05
+
+
+def test_pixelate_default_blocks_scale_with_the_image(photos_tensor):
+    # 1/12 of the longer side: 256 / 12 ≈ 21 px here, 42 px at twice the size.
+    for scale in (1, 2):
+        images = torch.nn.functional.interpolate(photos_tensor, scale_factor=scale)
+        pixelated = censor.pixelate(images)
+        row = pixelated[0, 0, 0]
+        assert (row[1:] != row[:-1]).sum() == 11  # 12 blocks across
 
 
 def test_blank_fills_exactly(photos_tensor):
     filled = censor.blank(photos_tensor, color=(1.0, 0.25, 0.0))
     assert filled[:, 0].eq(1.0).all() and filled[:, 1].eq(0.25).all() and filled[:, 2].eq(0).all()
     assert censor.blank(photos_tensor).eq(0).all()
+    assert censor.blank(photos_tensor, color=0.5).eq(0.5).all()
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_blank_works_on_any_number_of_channels(channels):
+    images = torch.rand(2, channels, 8, 8)
+    assert censor.blank(images).eq(0).all()  # black by default
+    color = tuple(i / 4 for i in range(channels))
+    out = censor.apply(images, torch.tensor([True, False]), "blank", color=color)
+    assert [out[0, c].unique().item() for c in range(channels)] == list(color)
+    assert torch.equal(out[1], images[1])
 
 
 def test_apply_censors_only_masked_images(photos_tensor):
@@ -71,10 +92,16 @@ def test_bad_actions_and_parameters_are_clear_errors(photos_tensor):
         censor.apply(photos_tensor, mask, lambda x: x[:, :, :10])
     with pytest.raises(ValueError, match="blur radius=0"):
         censor.blur(photos_tensor, radius=0)
-    with pytest.raises(ValueError, match="pixelate blocks=0"):
-        censor.pixelate(photos_tensor, blocks=0)
-    with pytest.raises(ValueError, match="blank color=\\(255, 0, 0\\)"):
+    with pytest.raises(ValueError, match="pixelate block_size=0: expected a positive number"):
+        censor.pixelate(photos_tensor, block_size=0)
+    with pytest.raises(ValueError, match="color=\\(255, 0, 0\\): expected one number or 3"):
         censor.blank(photos_tensor, color=(255, 0, 0))
+    with pytest.raises(ValueError, match="color=\\(1, 1\\): expected one number or 3"):
+        censor.blank(photos_tensor, color=(1, 1))
+    with pytest.raises(ValueError, match="radius= is not a parameter of action 'pixelate'"):
+        censor.apply(photos_tensor, mask, "pixelate", radius=0.1)
+    with pytest.raises(ValueError, match="blur radius=-1"):
+        censor.check_params("blur", {"radius": -1})
 
 
 def test_censoring_tiny_images_works():

@@ -310,6 +310,16 @@ def test_bad_arguments_are_clear_errors(pipes, level_checkpoints, tmp_path):
         guard(pipes["sd"], level="neutral", model=level_checkpoints["high"])
     with pytest.raises(ValueError, match="action='smudge'"):
         guard(pipes["sd"], action="smudge", model=level_checkpoints["high"])
+    # Censor settings fail at guard(), not at generation time, whatever the action.
+    bad_settings = [
+        ({"fill_color": (255, 0, 0)}, "color=\\(255, 0, 0\\): expected one number or 3"),
+        ({"blur_radius": -1}, "blur radius=-1"),
+        ({"pixelate_block_size": 0, "action": "blur"}, "pixelate block_size=0"),
+    ]
+    for settings, message in bad_settings:
+        with pytest.raises(ValueError, match=message):
+            guard(pipes["sd"], model=level_checkpoints["high"], **settings)
+    assert "_nsfw_guard" not in pipes["sd"].__dict__
     unet = UNet2DModel(
         sample_size=8,
         block_out_channels=(4, 8),

@@ -18,12 +18,15 @@ from nsfw_guard.levels import cumulative_scores, levels_from_scores, mark_unveri
 )
 def test_parse_accepts_member_string_and_index(value, expected):
     assert NSFWLevel.parse(value) is expected
+    assert NSFWLevel(value) is expected  # the constructor parses the same way
 
 
 @pytest.mark.parametrize("value", ["extreme", 4, -1, True, 1.0, None, ""])
 def test_parse_rejects_anything_else_listing_valid_values(value):
     with pytest.raises(ValueError, match="valid levels are 'neutral' \\(0\\), 'low' \\(1\\)"):
         NSFWLevel.parse(value)
+    with pytest.raises(ValueError, match="valid levels are 'neutral' \\(0\\), 'low' \\(1\\)"):
+        NSFWLevel(value)
 
 
 def test_levels_are_ordered_by_severity_not_alphabet():

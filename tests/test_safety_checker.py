@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsfw_guard import NSFWSafetyChecker
+from nsfw_guard import NSFWDetector, NSFWSafetyChecker
 from nsfw_guard.model import default_dtype
 
 from .conftest import make_brightness_checkpoint
@@ -46,15 +46,15 @@ def test_stock_call_with_numpy_images(bright_folder):
 
 def test_loads_the_hub_format_and_applies_settings(bright_folder):
     checker = NSFWSafetyChecker.from_pretrained(
-        bright_folder, level="high", threshold=0.9, action="pixelate", pixelate_blocks=4
+        bright_folder, level="high", threshold=0.9, action="pixelate", pixelate_block_size=4
     )
     config = checker.config
-    settings = (config.level, config.threshold, config.action, config.pixelate_blocks)
+    settings = (config.level, config.threshold, config.action, config.pixelate_block_size)
     assert settings == ("high", 0.9, "pixelate", 4)
     assert config.architecture == "eva02_base_patch14_448"
     assert config.model_args == {"depth": 1, "embed_dim": 32, "num_heads": 2}
     assert config.pretrained_cfg["crop_mode"] == "squash"
-    assert checker.check_step.censor_params == {"blocks": 4}
+    assert checker.check_step.censor_params == {"block_size": 4}
 
 
 def test_save_and_reload_round_trip(bright_folder, tmp_path):
@@ -103,3 +103,14 @@ def test_callable_action_is_used_but_not_saved(bright_folder, tmp_path):
     with pytest.warns(UserWarning, match="custom \\(callable\\) action.*blanked instead"):
         reloaded = NSFWSafetyChecker.from_pretrained(tmp_path)
     assert reloaded(images=images)[0][1].eq(0).all()
+
+
+def test_only_the_classifier_takes_the_checker_dtype(bright_folder):
+    checker = NSFWSafetyChecker.from_pretrained(bright_folder, dtype="bfloat16").to("cpu")
+    assert checker.dtype == torch.bfloat16
+    preprocess = checker.check_step.scorer.preprocess
+    assert {buffer.dtype for buffer in preprocess.buffers()} == {torch.float32}
+    detector = NSFWDetector.from_pretrained(bright_folder, device="cpu", dtype=torch.bfloat16)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    expected = detector.scores(images, value_range="-1,1")
+    torch.testing.assert_close(checker.check(images).scores, expected, rtol=0, atol=0)

@@ -8,7 +8,7 @@ sync. Unmasked images come back bit-identical.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,14 +16,25 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["ACTIONS", "Action", "apply", "blank", "blur", "check_action", "pixelate"]
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "apply",
+    "blank",
+    "blur",
+    "check_action",
+    "check_color",
+    "check_params",
+    "pixelate",
+]
 
 Action = str | Callable[[Tensor], Tensor]
 ACTIONS = ("blur", "pixelate", "blank", "none")
 """Named actions; ``"none"`` flags without changing the image."""
 
 DEFAULT_BLUR_RADIUS = 0.08
-DEFAULT_PIXELATE_BLOCKS = 12
+DEFAULT_PIXELATE_CELLS = 12
+"""Without a ``block_size``, ``pixelate`` makes blocks 1/12 of the image's longer side."""
 # The blur runs at a size where its Gaussian has this sigma, then is scaled back up.
 _WORKING_SIGMA = 2.0
 
@@ -39,8 +50,7 @@ def blur(images: Tensor, radius: float = DEFAULT_BLUR_RADIUS) -> Tensor:
         >>> blur(images).shape, bool(blur(images).std() < images.std() / 4)
         (torch.Size([2, 3, 64, 96]), True)
     """
-    if not radius > 0:
-        raise ValueError(f"blur radius={radius!r}: expected a positive fraction of the image size.")
+    _check_radius(radius)
     height, width = images.shape[-2:]
     sigma = radius * max(height, width)
     factor = max(1.0, sigma / _WORKING_SIGMA)
@@ -56,36 +66,38 @@ def blur(images: Tensor, radius: float = DEFAULT_BLUR_RADIUS) -> Tensor:
     )
 
 
-def pixelate(images: Tensor, blocks: int = DEFAULT_PIXELATE_BLOCKS) -> Tensor:
-    """Average the image over a grid ``blocks`` cells across its longer side.
+def pixelate(images: Tensor, block_size: int | None = None) -> Tensor:
+    """Average the image over square blocks of ``block_size`` pixels (a mosaic).
+
+    ``None`` scales the blocks to the image: 1/12 of its longer side (43 px at 512²), so the
+    mosaic is as coarse at any size. Edge blocks stretch a little when the size is not a multiple.
 
     Example:
-        >>> pixelate(torch.rand(1, 3, 64, 32), blocks=4).unique().numel() <= 3 * 4 * 2
-        True
+        >>> out = pixelate(torch.rand(1, 3, 64, 32), block_size=16)
+        >>> out.shape, out.unique().numel() <= 3 * 4 * 2
+        (torch.Size([1, 3, 64, 32]), True)
     """
-    if not isinstance(blocks, int) or blocks < 1:
-        raise ValueError(f"pixelate blocks={blocks!r}: expected a positive integer.")
+    _check_block_size(block_size)
     height, width = images.shape[-2:]
-    cell = max(height, width) / blocks
+    cell = block_size or max(height, width) / DEFAULT_PIXELATE_CELLS
     grid = [max(1, round(height / cell)), max(1, round(width / cell))]
     small = TF.resize(images, grid, interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.resize(small, [height, width], interpolation=InterpolationMode.NEAREST)
 
 
-def blank(images: Tensor, color: tuple[float, ...] = (0.0, 0.0, 0.0)) -> Tensor:
-    """Fill every image with ``color`` (RGB in [0, 1]; default black).
+def blank(images: Tensor, color: float | Sequence[float] = 0.0) -> Tensor:
+    """Fill every image with ``color``: one value for all channels or one per channel, in [0, 1].
+
+    The default is black, for any number of channels.
 
     Example:
         >>> blank(torch.rand(1, 3, 2, 2), color=(1.0, 0.5, 0.0))[0, :, 0, 0].tolist()
         [1.0, 0.5, 0.0]
     """
-    if len(color) != images.shape[1] or not all(0.0 <= float(v) <= 1.0 for v in color):
-        raise ValueError(
-            f"blank color={color!r}: expected {images.shape[1]} values in [0, 1] (RGB)."
-        )
+    values = check_color(color, images.shape[1])
     filled = torch.empty_like(images)
-    for channel, value in enumerate(color):
-        filled[:, channel].fill_(float(value))  # a scalar fill: no host-to-device copy
+    for channel, value in enumerate(values):
+        filled[:, channel].fill_(value)  # a scalar fill: no host-to-device copy
     return filled
 
 
@@ -99,11 +111,80 @@ def check_action(action: Action) -> Action:
     )
 
 
+def check_params(action: Action, params: dict[str, Any]) -> dict[str, Any]:
+    """Return ``params`` if ``action`` takes them and their values are valid, else raise ValueError.
+
+    ``"blur"`` takes ``radius``, ``"pixelate"`` ``block_size``, ``"blank"`` ``color``; a callable
+    gets whatever is given.
+
+    Example:
+        >>> check_params("pixelate", {"block_size": 16})
+        {'block_size': 16}
+    """
+    action = check_action(action)
+    if callable(action):
+        return dict(params)
+    checks = _PARAM_CHECKS[action]
+    for name, value in params.items():
+        if name not in checks:
+            takes = ", ".join(f"{n}=" for n in checks) or "no parameters"
+            raise ValueError(f"{name}= is not a parameter of action {action!r}; it takes {takes}.")
+        checks[name](value)
+    return dict(params)
+
+
+def check_color(color: float | Sequence[float], channels: int | None = None) -> list[float]:
+    """``color`` as one float per channel, or a ValueError.
+
+    One number fills every channel; a sequence gives one value per channel (``channels`` of
+    them when given, else 1 to 4). Values are in [0, 1].
+
+    Example:
+        >>> check_color(1, channels=3)
+        [1.0, 1.0, 1.0]
+    """
+    expected = f"one number or {channels or '1-4'} numbers in [0, 1]"
+    if isinstance(color, int | float) and not isinstance(color, bool):
+        values = [float(color)]
+    else:
+        try:
+            values = [float(v) for v in color]  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise ValueError(f"color={color!r}: expected {expected}.") from None
+    counts = (1, channels) if channels else (1, 2, 3, 4)
+    if len(values) not in counts or not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"color={color!r}: expected {expected}.")
+    return values * channels if channels and len(values) == 1 else values
+
+
+def _check_radius(radius: float) -> None:
+    if isinstance(radius, bool) or not isinstance(radius, int | float) or not radius > 0:
+        raise ValueError(f"blur radius={radius!r}: expected a positive fraction of the image size.")
+
+
+def _check_block_size(block_size: int | None) -> None:
+    if block_size is None:
+        return
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(
+            f"pixelate block_size={block_size!r}: expected a positive number of pixels, or None "
+            "for 1/12 of the image's longer side."
+        )
+
+
+_PARAM_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "blur": {"radius": _check_radius},
+    "pixelate": {"block_size": _check_block_size},
+    "blank": {"color": check_color},
+    "none": {},
+}
+
+
 def apply(images: Tensor, mask: Tensor, action: Action, **params: Any) -> Tensor:
     """Censor the images where ``mask`` ([B] bool) is true; leave the others untouched.
 
     ``action`` is ``"blur"``, ``"pixelate"``, ``"blank"``, ``"none"`` or a callable
-    ``(images) -> images``; ``params`` go to it (``radius=``, ``blocks=``, ``color=``).
+    ``(images) -> images``; ``params`` go to it (``radius=``, ``block_size=``, ``color=``).
 
     Example:
         >>> images = torch.rand(2, 3, 8, 8)
@@ -111,7 +192,7 @@ def apply(images: Tensor, mask: Tensor, action: Action, **params: Any) -> Tensor
         >>> out[0].max().item(), torch.equal(out[1], images[1])
         (0.0, True)
     """
-    action = check_action(action)
+    params = check_params(action, params)
     if action == "none":
         return images
     operation = {"blur": blur, "pixelate": pixelate, "blank": blank}.get(action, action)

@@ -43,7 +43,7 @@ class CheckStep(nn.Module):
     Scores every image, flags those whose score at ``level`` is ``>= threshold`` (and those with
     NaN or Inf pixels, which cannot be verified), and censors the flagged ones with ``action``:
     images that could not be verified are blanked with ``fill_color`` whatever the action
-    (``"blank"`` uses it too). ``censor_params`` go to the action (``radius=``, ``blocks=``).
+    (``"blank"`` uses it too). ``censor_params`` go to the action (``radius=``, ``block_size=``).
     Any device and dtype; the output keeps the input's.
 
     Example:
@@ -72,8 +72,8 @@ class CheckStep(nn.Module):
         self.level = parse_check_level(level)
         self.threshold = check_threshold(threshold)
         self.action = censor.check_action(action)
-        self.fill_color = tuple(float(v) for v in fill_color)
-        self.censor_params = dict(censor_params or {})
+        self.fill_color = tuple(censor.check_color(fill_color, channels=3))
+        self.censor_params = censor.check_params(self.action, censor_params or {})
         if self.action == "blank":
             self.censor_params.setdefault("color", self.fill_color)
 

@@ -7,7 +7,10 @@ Accepted forms (one image, or a list/tuple of them; arrays and tensors may also 
 - torch tensors ``HW``, ``CHW`` or ``BCHW`` (``C`` in 1-4) of uint8, bool or float, on any device.
 
 Channels: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA. uint8 is read as 0-255, uint16 as 0-65535 and
-bool as 0/1; float values follow ``value_range`` (see :data:`VALUE_RANGES`).
+bool as 0/1; float values follow ``value_range`` (see :data:`VALUE_RANGES`). PIL's integer modes
+(``I``, ``I;16``) are read as 0-65535, or as 0-255 when no value exceeds 255 (Pillow's own
+conversion of an 8-bit image); its float mode ``F`` follows ``value_range``, or 0-255 when its
+values lie outside [-1, 1] (Pillow's scale again).
 """
 
 from __future__ import annotations
@@ -112,15 +115,20 @@ def _one_image(item: Any, value_range: str, name: str) -> ImageBatch:
 
 def _from_pil(image: Image.Image, value_range: str) -> ImageBatch:
     mode = image.mode
-    if mode.startswith("I;16"):
-        array = np.asarray(image).astype(np.float32) / 65535.0
-        value_range = "0,1"
-    elif mode == "I":
-        # 32-bit integer images come from 16-bit PNG/TIFF decoders: read them as 0-65535.
-        array = np.asarray(image).clip(0, 65535).astype(np.float32) / 65535.0
+    if mode == "I" or mode.startswith("I;16"):
+        # 16-bit PNG/TIFF decoders fill 0-65535; Pillow's convert("I") of an 8-bit image keeps
+        # 0-255. Reading the latter as 16-bit would hide it in near-black, so values up to 255
+        # are read as 8-bit.
+        array = np.asarray(image).astype(np.float32)
+        full_scale = 65535.0 if array.max(initial=0.0) > 255 else 255.0
+        array = array.clip(0, full_scale) / full_scale
         value_range = "0,1"
     elif mode == "F":
         array = np.asarray(image, dtype=np.float32)
+        finite = array[np.isfinite(array)]
+        if value_range == "auto" and finite.size and np.abs(finite).max() > 1:
+            # Not [0, 1] or [-1, 1]: Pillow's own scale (convert("F") of an 8-bit image), 0-255.
+            array, value_range = array.clip(0, 255) / 255.0, "0,1"
     elif mode in ("1", "L", "LA", "RGB", "RGBA"):
         array = np.asarray(image)
     elif mode == "La":  # premultiplied; Pillow converts it only to LA

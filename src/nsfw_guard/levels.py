@@ -55,6 +55,11 @@ class NSFWLevel(str, Enum):
         valid = ", ".join(f"{level.value!r} ({level.index})" for level in _ORDER)
         raise ValueError(f"{value!r} is not an NSFW level; valid levels are {valid}.")
 
+    @classmethod
+    def _missing_(cls, value: object) -> NSFWLevel:
+        """``NSFWLevel("HIGH")`` and ``NSFWLevel(3)`` parse as :meth:`parse` does."""
+        return cls.parse(value)  # type: ignore[arg-type]
+
     def __lt__(self, other: object) -> bool:
         return self.index < NSFWLevel.parse(other).index  # type: ignore[arg-type]
 

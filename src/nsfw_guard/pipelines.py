@@ -287,7 +287,7 @@ def guard(
     on_error: str = "block",
     keep_originals: bool = False,
     blur_radius: float = censor.DEFAULT_BLUR_RADIUS,
-    pixelate_blocks: int = censor.DEFAULT_PIXELATE_BLOCKS,
+    pixelate_block_size: int | None = None,
     fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> Guard:
     """Check every image ``pipe`` generates; censor those at or above ``level`` with ``action``.
@@ -319,7 +319,7 @@ def guard(
         "threshold": check_threshold(threshold),
         "action": censor.check_action(action),
         "blur_radius": blur_radius,
-        "pixelate_blocks": pixelate_blocks,
+        "pixelate_block_size": pixelate_block_size,
         "fill_color": tuple(fill_color),
     }
     if isinstance(model, NSFWDetector):  # share its weights, in its dtype

@@ -37,7 +37,7 @@ _SETTINGS = (
     "threshold",
     "action",
     "blur_radius",
-    "pixelate_blocks",
+    "pixelate_block_size",
     "fill_color",
     "dtype",
 )
@@ -73,7 +73,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         threshold: float = 0.5,
         action: censor.Action = "blur",
         blur_radius: float = censor.DEFAULT_BLUR_RADIUS,
-        pixelate_blocks: int = censor.DEFAULT_PIXELATE_BLOCKS,
+        pixelate_block_size: int | None = None,
         fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
         dtype: str = "auto",
         model: nn.Module | None = None,
@@ -98,7 +98,11 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         data_config = DataConfig.from_pretrained_cfg(
             {**model.pretrained_cfg, **(pretrained_cfg or {})}
         )
-        params = {"blur": {"radius": blur_radius}, "pixelate": {"blocks": pixelate_blocks}}
+        # Both checked whatever the action: a bad setting fails here, not at generation time.
+        params = {
+            "blur": censor.check_params("blur", {"radius": blur_radius}),
+            "pixelate": censor.check_params("pixelate", {"block_size": pixelate_block_size}),
+        }
         self.check_step = CheckStep(
             NSFWScorer(model, data_config),
             level=NSFWLevel.parse(level),
@@ -115,7 +119,7 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
     ) -> NSFWSafetyChecker:
         """Load a saved checker, or build one around a classifier checkpoint (Hub id or folder).
 
-        Settings (``level``, ``threshold``, ``action``, ``blur_radius``, ``pixelate_blocks``,
+        Settings (``level``, ``threshold``, ``action``, ``blur_radius``, ``pixelate_block_size``,
         ``fill_color``, ``dtype``) override the saved ones. ``revision``, ``cache_dir`` and
         ``local_files_only`` select the checkpoint; the pipeline's ``torch_dtype`` is ignored.
 
@@ -165,9 +169,11 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         """Move to a device, keeping the checker's own dtype; stay put while kept on a device."""
         device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         device = self._kept_on or (torch.device(device) if device is not None else self.device)
-        dtype = _dtype(self.config.dtype, device)
         # nn.Module's own: ModelMixin.to only adds quantization checks and a spurious warning.
-        return nn.Module.to(self, device=device, dtype=dtype, non_blocking=non_blocking)
+        nn.Module.to(self, device=device, non_blocking=non_blocking)
+        # Only the classifier takes the checker's dtype: preprocessing constants stay float32.
+        self.check_step.scorer.model.to(dtype=_dtype(self.config.dtype, device))
+        return self
 
     def keep_on(self, device: torch.device | str | None) -> None:
         """Ignore moves away from ``device`` (``None`` ends it).
