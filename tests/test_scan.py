@@ -167,7 +167,7 @@ def test_censor_to_copies_clean_images_only_when_asked(level_checkpoints, tmp_pa
     assert (target / "one.jpg").read_bytes() == (source / "one.jpg").read_bytes()
     with pytest.raises(SystemExit):
         _scan(capsys, source, "--model", model, "--censor-to", source)
-    assert "originals are never overwritten" in capsys.readouterr().err
+    assert "would overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM])
@@ -182,7 +182,9 @@ def test_resume_after_a_killed_scan_gives_one_record_per_input(level_checkpoints
     output = tmp_path / "r.jsonl"
     command = [sys.executable, "-m", "nsfw_guard", "scan", str(source), "--quiet"]
     command += ["--device", "cpu", "--model", str(level_checkpoints["low"]), "--workers", "0"]
-    command += ["--output", str(output), "--batch-size", "1"]
+    copies = tmp_path / "copies"
+    command += ["--output", str(output), "--batch-size", "1", "--censor-to", str(copies)]
+    command += ["--copy-clean"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
@@ -203,6 +205,8 @@ def test_resume_after_a_killed_scan_gives_one_record_per_input(level_checkpoints
     assert sorted(paths) == [str(i.path) for i in find_images([source])]
     assert len(set(paths)) == 300
     assert [r["path"] for r in records[: len(partial)]] == [r["path"] for r in partial]
+    # Every input has its copy: a record is written only after its copy.
+    assert sorted(p.name for p in copies.glob("*.png")) == sorted(Path(p).name for p in paths)
 
 
 def test_resume_rescans_changed_files(level_checkpoints, tmp_path, capsys):
@@ -250,3 +254,57 @@ def test_two_processes_give_the_same_records_as_one(folder, level_checkpoints, t
                 assert left[key] == pytest.approx(right[key], abs=1e-5), key
             else:
                 assert left[key] == right[key], key
+
+
+def test_censor_to_never_replaces_a_scanned_file_nor_scans_its_own_copies(
+    level_checkpoints, tmp_path, capsys
+):
+    model = level_checkpoints["high"]
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    for name in ("one.jpg", "sub/one.jpg"):
+        Image.open(PHOTO_PATHS[0]).save(source / name)
+    before = _digest(source)
+    # A single file into its own folder, or a folder into a sub-folder holding a same-named
+    # original: both would replace a scanned file.
+    for args in ([source / "one.jpg", "--censor-to", source], [source, "--censor-to", source]):
+        with pytest.raises(SystemExit) as exit_info:
+            _scan(capsys, *args, "--model", model, "--output", tmp_path / "r.jsonl")
+        assert exit_info.value.code == EXIT_USAGE
+        assert "would overwrite" in capsys.readouterr().err
+    assert _digest(source) == before
+    # A copy folder inside the scanned one is never scanned itself, on this run or the next.
+    target = source / "censored"
+    for _ in range(2):
+        _scan(
+            capsys,
+            source,
+            "--model",
+            model,
+            "--output",
+            tmp_path / "r.jsonl",
+            "--censor-to",
+            target,
+        )
+        assert [
+            Path(r["path"]).relative_to(source).as_posix()
+            for r in read_records(tmp_path / "r.jsonl")
+        ] == ["one.jpg", "sub/one.jpg"]
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*.jpg")) == [
+        "one.jpg",
+        "sub/one.jpg",
+    ]
+    assert _digest(source / "sub") == {"one.jpg": before["sub/one.jpg"]}
+
+
+def test_censor_to_keeps_inputs_from_several_paths_apart(level_checkpoints, tmp_path, capsys):
+    for root in ("r1", "r2"):
+        (tmp_path / root).mkdir()
+        Image.open(PHOTO_PATHS[0]).save(tmp_path / root / "x.jpg")
+    target = tmp_path / "copies"
+    options = ["--output", tmp_path / "r.jsonl", "--censor-to", target]
+    _scan(capsys, tmp_path / "r1", tmp_path / "r2", "--model", level_checkpoints["high"], *options)
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*.jpg")) == [
+        "r1/x.jpg",
+        "r2/x.jpg",
+    ]

@@ -37,6 +37,7 @@ __all__ = [
     "RECORD_FIELDS",
     "ScanInput",
     "ScanSummary",
+    "check_copy_folder",
     "find_images",
     "read_records",
     "scan",
@@ -133,28 +134,71 @@ class ScanSummary:
         ]
 
 
-def find_images(paths: Sequence[str | os.PathLike], recursive: bool = True) -> list[ScanInput]:
+def find_images(
+    paths: Sequence[str | os.PathLike],
+    recursive: bool = True,
+    exclude: str | os.PathLike | None = None,
+) -> list[ScanInput]:
     """The image files under ``paths`` (by extension; a file given directly is always taken),
-    sorted. Directory symlinks are not followed, so link loops cannot trap the walk.
+    sorted. Directory symlinks are not followed, so link loops cannot trap the walk; the folder
+    ``exclude`` (where censored copies go) is not walked into.
+
+    Each input's ``relative`` path, which its censored copy keeps, is relative to its folder
+    when one folder is given, else to the folder that holds all the paths, so two inputs never
+    share one.
 
     Example:
         >>> [i.relative.name for i in find_images(["tests/data"])][:2]
         ['astronaut.jpg', 'camera_gray.jpg']
     """
-    found: dict[str, ScanInput] = {}
-    for root in map(Path, paths):
-        if root.is_dir():
-            walk = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
-            for folder, _, names in walk:
-                for name in names:
-                    path = Path(folder) / name
-                    if path.suffix.lower() in IMAGE_EXTENSIONS:
-                        found.setdefault(str(path), _scan_input(path, path.relative_to(root)))
-        elif root.exists() or root.is_symlink():
-            found.setdefault(str(root), _scan_input(root, Path(root.name)))
-        else:
+    roots = [Path(p) for p in paths]
+    for root in roots:
+        if not (root.exists() or root.is_symlink()):
             raise FileNotFoundError(f"no such file or folder: {root}")
+    if len(roots) == 1:
+        base = roots[0] if roots[0].is_dir() else roots[0].parent
+    else:
+        base = Path(os.path.commonpath([os.path.abspath(r.parent) for r in roots]))
+    skip = Path(exclude).resolve() if exclude is not None else None
+
+    def relative(path: Path) -> Path:
+        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(base)))
+
+    found: dict[str, ScanInput] = {}
+    for root in roots:
+        if not root.is_dir():
+            found.setdefault(str(root), _scan_input(root, relative(root)))
+            continue
+        walk = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
+        for folder, folders, names in walk:
+            if skip is not None:  # never scan the copies this tool writes
+                folders[:] = [d for d in folders if (Path(folder) / d).resolve() != skip]
+            for name in names:
+                path = Path(folder) / name
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.setdefault(str(path), _scan_input(path, relative(path)))
     return [found[key] for key in sorted(found)]
+
+
+def check_copy_folder(inputs: Sequence[ScanInput], folder: str | os.PathLike) -> None:
+    """Raise ValueError if copies written to ``folder`` would replace an input or each other."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--censor-to {folder}: a file, not a folder")
+    originals = {os.path.realpath(item.path): item.path for item in inputs}
+    targets: dict[str, Path] = {}
+    for item in inputs:
+        target = os.path.realpath(folder / item.relative)
+        if target in originals:
+            raise ValueError(
+                f"--censor-to {folder} would overwrite {originals[target]}: originals are never "
+                "touched; choose a folder outside the scanned ones"
+            )
+        if targets.setdefault(target, item.path) != item.path:
+            raise ValueError(
+                f"--censor-to {folder}: {targets[target]} and {item.path} would both be "
+                f"copied to {folder / item.relative}"
+            )
 
 
 def _scan_input(path: Path, relative: Path) -> ScanInput:
@@ -322,7 +366,7 @@ def _write_copy(item: ScanInput, record: dict[str, Any], folder: Path, action: c
     """Write a censored (flagged) or plain (clean) copy under ``folder``, atomically."""
     destination = folder / item.relative
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.nsfw-guard.tmp")
     try:
         if not record["flagged"]:
             shutil.copy2(item.path, temporary)
@@ -413,6 +457,8 @@ def scan(
         action=action,
         copy_clean=copy_clean,
     )
+    if settings.censor_to is not None:
+        check_copy_folder(inputs, settings.censor_to)
     output = Path(output)
     existing = read_records(output) if resume else []
     wanted = {item.key for item in inputs}
@@ -487,7 +533,7 @@ def _scan_part(
         batch_size=settings.batch_size,
         num_workers=settings.workers,
         collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=False,  # the batch is pinned once it is put together, in _score_batch
         worker_init_fn=_one_thread,
         persistent_workers=False,
     )
@@ -495,7 +541,7 @@ def _scan_part(
     with tqdm(total=len(inputs), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
         for items in loader:
             records = _score_batch(items, inputs, scorer, device, settings)
-            writer.write(records)
+            # Copies first: a record says its copy exists, so --resume after a kill redoes both.
             for record, item in zip(records, items, strict=True):
                 if (
                     settings.censor_to is not None
@@ -503,9 +549,18 @@ def _scan_part(
                     and (record["flagged"] or settings.copy_clean)
                 ):
                     _write_copy(inputs[item["index"]], record, settings.censor_to, settings.action)
+            writer.write(records)
             flagged += sum(r["flagged"] for r in records)
             bar.set_postfix(flagged=flagged, refresh=False)
             bar.update(len(items))
+
+
+def _concat(tensors: list[torch.Tensor], pinned: bool) -> torch.Tensor:
+    """``torch.cat``, into page-locked memory when ``pinned`` so the copy to the GPU is async."""
+    if not pinned:
+        return torch.cat(tensors)
+    shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+    return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))
 
 
 def _one_thread(_: int) -> None:
@@ -525,7 +580,7 @@ def _score_batch(
     decoded = [item for item in items if item["error"] is None]
     rows: list[list[float]] = []
     if decoded:
-        pixels = torch.cat([item["pixels"] for item in decoded])
+        pixels = _concat([item["pixels"] for item in decoded], pinned=device.type == "cuda")
         verifiable = torch.cat([item["verifiable"] for item in decoded])
         scores = []
         with torch.inference_mode():
