@@ -56,6 +56,10 @@ def test_check_reports_unreadable_files_and_goes_on(level_checkpoints, tmp_path,
         (["check", "--threshold", "2", str(PHOTO_PATHS[0])], "--threshold 2.0: expected"),
         (["check", "--level", "neutral", str(PHOTO_PATHS[0])], "invalid choice: 'neutral'"),
         (["check", "--model", "./no/such/folder", str(PHOTO_PATHS[0])], "no model folder"),
+        (["scan", "tests/data", "--output", "tests"], "--output tests is a folder"),
+        (["scan", "tests/data", "--output", "no/dir/r.jsonl"], "the folder no/dir does not exist"),
+        (["scan", "tests/data", "--censor-to", "README.md"], "a file, not a folder"),
+        (["scan", "no/such/dir"], "no such file or folder: no/such/dir"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args, message, capsys):
@@ -64,6 +68,24 @@ def test_usage_errors_are_one_line_and_exit_2(args, message, capsys):
     assert exit_info.value.code == EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_check_reports_images_over_the_pixel_limit_as_scan_does(
+    level_checkpoints, tmp_path, capsys, monkeypatch
+):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    big = tmp_path / "big.png"  # 1600 pixels: over the limit, under twice it (a warning)
+    Image.new("RGB", (40, 40)).save(big)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (20, 20)).save(small)
+    code, out = _check(capsys, "--model", level_checkpoints["neutral"], big, small)
+    assert code == EXIT_FILE_ERRORS
+    first, second = out.out.splitlines()
+    assert first.startswith(f"{big}\terror: DecompressionBombWarning")
+    assert second.endswith("ok")
 
 
 def test_uncached_model_offline_is_a_usage_error_saying_how_to_download(tmp_path):

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import DEFAULT_MODEL, __version__
 
@@ -45,8 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.run(args, args.command_parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (with where to look), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nsfw-guard",
         description="Check images with the 4-level NSFW classifier (neutral, low, medium, high).",
         epilog="Examples:\n  nsfw-guard scan photos/ --output results.jsonl\n"
@@ -179,7 +186,9 @@ def _load_detector(
 
 
 def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    import warnings
+
+    from PIL import Image, ImageOps
 
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:
@@ -188,12 +197,14 @@ def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     flagged = errors = 0
     for path in args.images:
         try:
-            with Image.open(path) as image:  # the first frame, shown the right way up
-                upright = ImageOps.exif_transpose(image)
-                prediction = detector.predict(upright, threshold=args.threshold)[0]
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+            with warnings.catch_warnings():  # past Pillow's pixel limit is an error, as in scan
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:  # the first frame, shown the right way up
+                    upright = ImageOps.exif_transpose(image)
+                    prediction = detector.predict(upright, threshold=args.threshold)[0]
+        except Exception as error:  # one bad file never stops the others
             errors += 1
-            print(f"{path}\terror: {error}")
+            print(f"{path}\terror: {type(error).__name__}: {error}")
             continue
         flagged += prediction.is_nsfw
         scores = " ".join(
@@ -207,21 +218,20 @@ def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .scan import find_images, scan
+    from .scan import check_copy_folder, find_images, scan
 
     if args.workers < 0 or args.max_frames < 1:
         parser.error("--workers must be >= 0 and --max-frames >= 1")
+    if args.output.is_dir():
+        parser.error(f"--output {args.output} is a folder; give a file name such as results.jsonl")
+    if not args.output.parent.is_dir():
+        parser.error(f"--output {args.output}: the folder {args.output.parent} does not exist")
     try:
-        inputs = find_images(args.paths, recursive=args.recursive)
-    except FileNotFoundError as error:
+        inputs = find_images(args.paths, recursive=args.recursive, exclude=args.censor_to)
+        if args.censor_to is not None:
+            check_copy_folder(inputs, args.censor_to)
+    except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    if args.censor_to is not None:
-        target = args.censor_to.resolve()
-        if any(target == p.resolve() for p in args.paths if p.is_dir()):
-            parser.error(
-                f"--censor-to {args.censor_to} is a scanned folder: originals are never "
-                "overwritten; choose another folder"
-            )
 
     state = _process_state(args.device)
     detector = _load_detector(args, parser, device=state.device if args.device == "auto" else None)
