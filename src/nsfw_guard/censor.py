@@ -102,7 +102,12 @@ def blank(images: Tensor, color: float | Sequence[float] = 0.0) -> Tensor:
 
 
 def check_action(action: Action) -> Action:
-    """Return ``action`` if it is one of :data:`ACTIONS` or a callable, else raise ValueError."""
+    """Return ``action`` if it is one of :data:`ACTIONS` or a callable, else raise ValueError.
+
+    Example:
+        >>> check_action("pixelate")
+        'pixelate'
+    """
     if callable(action) or action in ACTIONS:
         return action
     raise ValueError(

@@ -100,6 +100,11 @@ def mark_unverifiable(scores: Tensor, verifiable: Tensor) -> Tensor:
     """Give every row where ``verifiable`` is false (or whose scores are NaN) the worst case.
 
     Such images score 0 for neutral and 1 for low, medium and high, decided in-graph.
+
+    Example:
+        >>> scores = torch.tensor([[0.5, 0.5, 0.25, 0.0], [0.5, 0.5, 0.25, 0.0]])
+        >>> mark_unverifiable(scores, torch.tensor([True, False])).tolist()
+        [[0.5, 0.5, 0.25, 0.0], [0.0, 1.0, 1.0, 1.0]]
     """
     # Built on the device from the scores themselves: no host-to-device copy per call.
     worst = torch.cat([torch.zeros_like(scores[:, :1]), torch.ones_like(scores[:, 1:])], dim=1)
@@ -118,7 +123,12 @@ def levels_from_scores(scores: Tensor, threshold: float) -> Tensor:
 
 
 def parse_check_level(level: NSFWLevel | str | int) -> NSFWLevel:
-    """The level to check at: low, medium or high (every image is at least neutral)."""
+    """The level to check at: low, medium or high (every image is at least neutral).
+
+    Example:
+        >>> parse_check_level("HIGH")
+        <NSFWLevel.HIGH: 'high'>
+    """
     level = NSFWLevel.parse(level)
     if level is NSFWLevel.NEUTRAL:
         raise ValueError(
@@ -128,7 +138,12 @@ def parse_check_level(level: NSFWLevel | str | int) -> NSFWLevel:
 
 
 def check_threshold(threshold: float) -> float:
-    """``threshold`` as a float in [0, 1], or a ValueError."""
+    """``threshold`` as a float in [0, 1], or a ValueError.
+
+    Example:
+        >>> check_threshold(1)
+        1.0
+    """
     if isinstance(threshold, bool) or not isinstance(threshold, int | float):
         raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
     if not 0.0 <= threshold <= 1.0:  # also false for NaN

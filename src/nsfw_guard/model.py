@@ -63,7 +63,12 @@ class LoadedModel:
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
+    """CUDA when available, else CPU.
+
+    Example:
+        >>> default_device().type in ("cuda", "cpu")
+        True
+    """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -75,6 +80,10 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     than float32 on an AMX CPU here, 2.2x on an AVX512-BF16 one. On other CPUs bf16 is emulated and
     several times slower (6.4x on an AVX2 CPU), so float32 is the default there. Scores are
     computed in float32 whatever the model dtype.
+
+    Example:
+        >>> default_dtype("cpu") in (torch.bfloat16, torch.float32)
+        True
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -181,6 +190,13 @@ def resolve_folder(
 
     Only JSON and safetensors files are fetched. Raises FileNotFoundError for a missing folder and
     OSError, saying what to do, when a Hub id cannot be had.
+
+    Example:
+        >>> import tempfile
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> folder = make_checkpoint(tempfile.mkdtemp())
+        >>> resolve_folder(folder) == folder
+        True
     """
     path = Path(model).expanduser()
     if path.is_dir():

@@ -334,7 +334,17 @@ def guard(
 
 
 def unguard(pipe: DiffusionPipeline) -> None:
-    """Remove the guard from ``pipe``, if it has one."""
+    """Remove the guard from ``pipe``, if it has one.
+
+    Example:
+        >>> import tempfile
+        >>> from nsfw_guard.testing import make_checkpoint, make_tiny_pipeline
+        >>> pipe = make_tiny_pipeline("sdxl")
+        >>> _ = guard(pipe, model=make_checkpoint(tempfile.mkdtemp()))
+        >>> unguard(pipe)
+        >>> "_nsfw_guard" in pipe.__dict__
+        False
+    """
     existing = pipe.__dict__.get("_nsfw_guard")
     if existing is not None:
         existing.remove()

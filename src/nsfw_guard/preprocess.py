@@ -225,6 +225,10 @@ def unit_affine(images: Tensor, value_range: str):
     """``(low, high, scale, offset)`` for float images: their range and the map from it to [0, 1].
 
     ``auto`` decides per image (``[B, 1, 1, 1]`` tensors): ``-1,1`` if any pixel is negative.
+
+    Example:
+        >>> unit_affine(torch.zeros(1, 3, 2, 2), "-1,1")
+        (-1.0, 1.0, 0.5, 0.5)
     """
     if value_range == "0,1":
         return 0.0, 1.0, 1.0, 0.0

@@ -181,7 +181,14 @@ def find_images(
 
 
 def check_copy_folder(inputs: Sequence[ScanInput], folder: str | os.PathLike) -> None:
-    """Raise ValueError if copies written to ``folder`` would replace an input or each other."""
+    """Raise ValueError if copies written to ``folder`` would replace an input or each other.
+
+    Example:
+        >>> check_copy_folder(find_images(["tests/data"]), "copies")  # fine: says nothing
+        >>> check_copy_folder(find_images(["tests/data"]), "tests/data")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: --censor-to tests/data would overwrite tests/data/astronaut.jpg: ...
+    """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--censor-to {folder}: a file, not a folder")
@@ -446,6 +453,17 @@ def scan(
 
     ``state`` is accelerate's ``PartialState`` when several processes share the work; the main
     process then merges their records. Returns the summary of all records in ``output``.
+
+    Example:
+        >>> import tempfile
+        >>> from nsfw_guard import NSFWDetector
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> folder = make_checkpoint(tempfile.mkdtemp(), level="high")
+        >>> detector = NSFWDetector.from_pretrained(folder, device="cpu")
+        >>> output = Path(tempfile.mkdtemp()) / "results.jsonl"
+        >>> summary = scan(find_images(["tests/data"]), detector.scorer, output, quiet=True)
+        >>> summary.flagged == summary.scanned == len(read_records(output)) == 7
+        True
     """
     settings = _Settings(
         level=NSFWLevel.parse(level),
