@@ -208,6 +208,16 @@ def test_cuda_device_without_cuda_is_a_clear_error(tiny_checkpoint):
         load_model(tiny_checkpoint, device="cuda")
 
 
+def test_unusable_device_is_a_clear_error(tiny_checkpoint):
+    # A device type this torch build or machine lacks: mps off macOS, or a GPU index past the
+    # last one.
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "mps"
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ValueError, match=f"device='{device}' cannot be used here"):
+        load_model(tiny_checkpoint, device=device)
+
+
 def test_bad_dtype_is_a_clear_error(tiny_checkpoint):
     with pytest.raises(ValueError, match="expected a torch float dtype"):
         load_model(tiny_checkpoint, device="cpu", dtype=torch.int8)

@@ -177,6 +177,13 @@ def _check_device(device: torch.device | str | None) -> torch.device:
             f"device={str(device)!r} but CUDA is not available here; pass device='cpu', or None "
             "to pick CUDA when it is available."
         )
+    try:  # a device this torch build or machine lacks (mps, a missing GPU index, ...)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(
+            f"device={str(device)!r} cannot be used here ({error}); pass 'cpu', 'cuda', "
+            "'cuda:N' for a GPU that exists, or None for the default."
+        ) from None
     return device
 
 
