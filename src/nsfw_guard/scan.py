@@ -156,13 +156,13 @@ def find_images(
         if not (root.exists() or root.is_symlink()):
             raise FileNotFoundError(f"no such file or folder: {root}")
     if len(roots) == 1:
-        base = roots[0] if roots[0].is_dir() else roots[0].parent
+        base = os.path.abspath(roots[0] if roots[0].is_dir() else roots[0].parent)
     else:
-        base = Path(os.path.commonpath([os.path.abspath(r.parent) for r in roots]))
+        base = os.path.commonpath([os.path.abspath(r.parent) for r in roots])
     skip = Path(exclude).resolve() if exclude is not None else None
 
     def relative(path: Path) -> Path:
-        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(base)))
+        return Path(os.path.relpath(os.path.abspath(path), base))
 
     found: dict[str, ScanInput] = {}
     for root in roots:
