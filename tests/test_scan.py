@@ -265,8 +265,8 @@ def test_censor_to_never_replaces_a_scanned_file_nor_scans_its_own_copies(
     for name in ("one.jpg", "sub/one.jpg"):
         Image.open(PHOTO_PATHS[0]).save(source / name)
     before = _digest(source)
-    # A single file into its own folder, or a folder into a sub-folder holding a same-named
-    # original: both would replace a scanned file.
+    # A single file into its own folder, or a folder into itself: both would replace a scanned
+    # file.
     for args in ([source / "one.jpg", "--censor-to", source], [source, "--censor-to", source]):
         with pytest.raises(SystemExit) as exit_info:
             _scan(capsys, *args, "--model", model, "--output", tmp_path / "r.jsonl")
