@@ -1,8 +1,17 @@
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 
 from nsfw_guard import NSFWLevel
-from nsfw_guard.levels import cumulative_scores, levels_from_scores, mark_unverifiable
+from nsfw_guard.levels import (
+    check_threshold,
+    cumulative_scores,
+    levels_from_scores,
+    mark_unverifiable,
+    parse_check_level,
+)
 
 
 @pytest.mark.parametrize(
@@ -93,3 +102,62 @@ def test_mark_unverifiable_gives_worst_case_to_unverifiable_and_nan_rows():
     scores = torch.tensor([[0.9, 0.1, 0.05, 0.01], [0.9, 0.1, 0.05, 0.01], [float("nan")] * 4])
     marked = mark_unverifiable(scores, torch.tensor([True, False, True]))
     assert marked.tolist() == [pytest.approx([0.9, 0.1, 0.05, 0.01]), [0, 1, 1, 1], [0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0.0),
+        (0.5, 0.5),
+        (np.float32(0.5), 0.5),
+        (np.float64(0.25), 0.25),
+        (np.float16(1.0), 1.0),
+        (np.int64(1), 1.0),
+        (np.uint8(0), 0.0),
+        (np.array(0.5), 0.5),
+        (np.array([0.5], np.float32), 0.5),
+        (torch.tensor(0.5), 0.5),
+        (torch.tensor([0.75], dtype=torch.bfloat16), 0.75),
+        (torch.tensor(1), 1.0),
+        (Fraction(1, 4), 0.25),
+    ],
+)
+def test_check_threshold_accepts_real_scalars(value, expected):
+    result = check_threshold(value)
+    assert type(result) is float and result == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        -0.1,
+        1.5,
+        float("nan"),
+        np.float32("nan"),
+        np.float64(1.5),
+        np.int64(2),
+        torch.tensor(float("nan")),
+        torch.tensor(-1.0),
+        True,
+        np.bool_(True),
+        torch.tensor(True),
+        "0.5",
+        None,
+        0.5j,
+        np.complex64(0.5),
+        np.array([0.5, 0.5]),
+        torch.tensor([0.5, 0.5]),
+        np.array([]),
+        [0.5],
+    ],
+)
+def test_check_threshold_rejects_anything_else(value):
+    with pytest.raises(ValueError, match="^threshold=.*: expected a number in \\[0, 1\\]\\.$"):
+        check_threshold(value)
+
+
+@pytest.mark.parametrize("value", [0, "neutral", NSFWLevel.NEUTRAL, "", "severe", 4, None, True])
+def test_parse_check_level_rejects_neutral_and_non_levels(value):
+    with pytest.raises(ValueError, match="^threshold_level must be 'low', 'medium' or 'high'"):
+        parse_check_level(value, "threshold_level")
+    assert parse_check_level(" low ") is NSFWLevel.LOW and parse_check_level(3) is NSFWLevel.HIGH

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import DEFAULT_MODEL
-from .inputs import ImageBatch, is_single_image, to_image_batches
+from .inputs import is_single_image, iter_image_batches
 from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
 from .model import LoadedModel, load_model
 from .scoring import NSFWScorer
@@ -49,7 +49,8 @@ class NSFWDetector:
             emulated and about 6x slower. Scores are always computed in float32.
         level: the level that :meth:`predict`'s ``is_nsfw`` and :meth:`is_nsfw` check by default.
         background: RGB in [0, 1] that transparent pixels are composited over (default white).
-        batch_size: images per forward pass; longer inputs run in micro-batches.
+        batch_size: images per forward pass; longer inputs run in micro-batches, and a list's
+            images are converted one at a time as their micro-batch runs.
 
     Example:
         >>> import tempfile
@@ -147,8 +148,7 @@ class NSFWDetector:
             >>> detector.preprocess([torch.rand(3, 64, 64), torch.rand(3, 20, 90)]).shape
             torch.Size([2, 3, 448, 448])
         """
-        pieces = self._pieces(images, value_range)
-        pixels = [self.scorer.preprocess(b.pixels, b.value_range)[0] for b in pieces]
+        pixels = [pixels for pixels, _ in self._batches(images, value_range)]
         return self._cat(pixels, (0, 3, *self.data_config.input_size)).to(self.dtype)
 
     @torch.inference_mode()
@@ -162,13 +162,8 @@ class NSFWDetector:
             >>> detector.scores(torch.rand(2, 3, 64, 64) * 2 - 1, value_range="-1,1").shape
             torch.Size([2, 4])
         """
-        chunks = []
-        for chunk in self._chunks(self._pieces(images, value_range)):
-            prepared = [self.scorer.preprocess(b.pixels, b.value_range) for b in chunk]
-            pixels = self._cat([p for p, _ in prepared], ())
-            verifiable = self._cat([v for _, v in prepared], ())
-            chunks.append(self.scorer.classify(pixels, verifiable))
-        return self._cat(chunks, (0, 4)).float()
+        scores = [self.scorer.classify(*batch) for batch in self._batches(images, value_range)]
+        return self._cat(scores, (0, 4)).float()
 
     def predict_proba(self, images: Any, value_range: str = "auto") -> list[dict[NSFWLevel, float]]:
         """Per image, a dict from each level to its score (keys also match plain strings).
@@ -200,7 +195,10 @@ class NSFWDetector:
         """
         if level is not None and threshold_level is not None:
             raise TypeError("pass level or threshold_level, not both.")
-        level = parse_check_level(level if level is not None else threshold_level or self.level)
+        name, given = (
+            ("level", level) if threshold_level is None else ("threshold_level", threshold_level)
+        )
+        level = self.level if given is None else parse_check_level(given, name)
         threshold = check_threshold(threshold)
         flags = (self.scores(images, value_range)[:, level.index] >= threshold).tolist()
         return flags[0] if is_single_image(images) else flags
@@ -231,26 +229,29 @@ class NSFWDetector:
             )
         ]
 
-    def _pieces(self, images: Any, value_range: str) -> Iterator[ImageBatch]:
-        """The input as image batches of at most ``batch_size`` images each."""
-        for batch in to_image_batches(images, value_range):
-            for start in range(0, batch.pixels.shape[0], self.batch_size):
-                pixels = batch.pixels[start : start + self.batch_size]
-                yield ImageBatch(pixels, batch.value_range)
+    def _batches(self, images: Any, value_range: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(pixels, verifiable)`` for each forward pass of at most ``batch_size`` images.
 
-    def _chunks(self, pieces: Iterator[ImageBatch]) -> Iterator[list[ImageBatch]]:
-        """Group consecutive pieces into forward passes of at most ``batch_size`` images."""
-        chunk: list[ImageBatch] = []
+        Images are converted and preprocessed one at a time, as the passes need them (a batch
+        tensor ``batch_size`` images at a time): at most one converted image is held at full
+        size, never a whole list.
+        """
+        pixels: list[Tensor] = []
+        verifiable: list[Tensor] = []
         count = 0
-        for piece in pieces:
-            size = piece.pixels.shape[0]
-            if chunk and count + size > self.batch_size:
-                yield chunk
-                chunk, count = [], 0
-            chunk.append(piece)
-            count += size
-        if chunk:
-            yield chunk
+        for batch in iter_image_batches(images, value_range):
+            for start in range(0, batch.pixels.shape[0], self.batch_size):
+                piece = batch.pixels[start : start + self.batch_size]
+                prepared, ok = self.scorer.preprocess(piece, batch.value_range)
+                pixels.append(prepared)
+                verifiable.append(ok)
+                count += prepared.shape[0]
+                if count >= self.batch_size:  # full: run it before converting the next image
+                    yield self._cat(pixels, ()), self._cat(verifiable, ())
+                    pixels, verifiable, count = [], [], 0
+            del batch, piece  # free the full-size pixels before the next image is converted
+        if pixels:
+            yield self._cat(pixels, ()), self._cat(verifiable, ())
 
     def _cat(self, tensors: list[Tensor], empty_shape: tuple[int, ...]) -> Tensor:
         if len(tensors) == 1:

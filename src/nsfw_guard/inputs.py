@@ -7,14 +7,21 @@ Accepted forms (one image, or a list/tuple of them; arrays and tensors may also 
 - torch tensors ``HW``, ``CHW`` or ``BCHW`` (``C`` in 1-4) of uint8, bool or float, on any device.
 
 Channels: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA. uint8 is read as 0-255, uint16 as 0-65535 and
-bool as 0/1; float values follow ``value_range`` (see :data:`VALUE_RANGES`). PIL's integer modes
-(``I``, ``I;16``) are read as 0-65535, or as 0-255 when no value exceeds 255 (Pillow's own
-conversion of an 8-bit image); its float mode ``F`` follows ``value_range``, or 0-255 when its
-values lie outside [-1, 1] (Pillow's scale again).
+bool as 0/1. Float values follow ``value_range`` (see :data:`VALUE_RANGES`), numpy and torch
+alike: by default each image is read as [-1, 1] if it has a negative value, as 0-255 if its
+largest value exceeds :data:`AUTO_0_255_ABOVE`, else as [0, 1]; that choice is made in-graph on
+the tensor's device, with no host sync. PIL's integer modes (``I``, ``I;16``) are read as
+0-65535, or as 0-255 when no value exceeds 255 (Pillow's own conversion of an 8-bit image); its
+float mode ``F`` follows ``value_range``, or 0-255 when its values lie outside [-1, 1] (Pillow's
+scale again).
+
+A list is converted lazily, one image at a time, as :func:`iter_image_batches` is consumed;
+only the types, shapes and dtypes of its items are checked up front.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,23 +31,32 @@ from PIL import Image
 from torch import Tensor
 
 __all__ = [
+    "AUTO_0_255_ABOVE",
     "VALUE_RANGES",
     "ImageBatch",
     "is_single_image",
+    "iter_image_batches",
     "parse_value_range",
     "to_image_batches",
 ]
 
-VALUE_RANGES = ("auto", "0,1", "-1,1")
-"""How float pixels are read: ``"0,1"``, ``"-1,1"`` (diffusers' decoded images), or ``"auto"``,
-which picks ``-1,1`` for an image with any negative value and ``0,1`` otherwise, per image."""
+VALUE_RANGES = ("auto", "0,1", "-1,1", "0,255")
+"""How float pixels are read: ``"0,1"``, ``"-1,1"`` (diffusers' decoded images), ``"0,255"``, or
+``"auto"``, which decides per image: ``-1,1`` if it has a negative value, else ``0,255`` if its
+largest value exceeds :data:`AUTO_0_255_ABOVE`, else ``0,1``. Values outside the range are
+clamped to it (an explicit ``"0,1"`` reads 0-255 data as white; ``"-1,1"`` is diffusers'
+denormalize). Pass the range when you know it: 0-255 data with negative values (the overshoot
+of a float bicubic resize) would be read as [-1, 1] by ``"auto"``."""
+
+AUTO_0_255_ABOVE = 4.0
+"""Under ``value_range="auto"``, an image without negative values whose largest value exceeds
+this is read as 0-255: pixels in [0, 1] or [-1, 1] do not reach it, even unclamped (diffusers'
+VAE outputs reach about 3.4)."""
 
 _ACCEPTED = (
     "a PIL image, a numpy array (HW, HWC or BHWC; uint8, uint16, bool or float), "
     "a torch tensor (HW, CHW or BCHW; uint8, bool or float), or a list of those"
 )
-# Float arrays on the host are checked for free; values this far out are not pixels in either range.
-_FLOAT_LIMIT = 4.0
 
 
 @dataclass(frozen=True)
@@ -94,23 +110,82 @@ def to_image_batches(images: Any, value_range: str = "auto") -> list[ImageBatch]
         >>> to_image_batches(torch.zeros(2, 3, 8, 8))[0].pixels.shape
         torch.Size([2, 3, 8, 8])
     """
+    return list(iter_image_batches(images, value_range))
+
+
+def iter_image_batches(images: Any, value_range: str = "auto") -> Iterator[ImageBatch]:
+    """Like :func:`to_image_batches`, but each image of a list is converted only when reached.
+
+    The items' types, shapes and dtypes are checked at once, so bad input fails before any work.
+
+    Example:
+        >>> batches = iter_image_batches([np.zeros((8, 8), np.uint8), torch.rand(3, 4, 4)])
+        >>> [batch.pixels.shape for batch in batches]
+        [torch.Size([1, 1, 8, 8]), torch.Size([1, 3, 4, 4])]
+    """
     value_range = parse_value_range(value_range)
     if isinstance(images, list | tuple):
-        return [_one_image(item, value_range, f"images[{i}]") for i, item in enumerate(images)]
-    if isinstance(images, Image.Image):
-        return [_from_pil(images, value_range)]
-    if isinstance(images, np.ndarray | Tensor):
-        pixels, range_ = _from_array(images, value_range, "images", allow_batch=True)
-        return [ImageBatch(pixels, range_)] if pixels.shape[0] else []
-    raise TypeError(f"images is a {type(images).__name__}; expected {_ACCEPTED}.")
+        for i, item in enumerate(images):
+            _check_image(item, f"images[{i}]", allow_batch=False)
+        return (_convert(item, value_range) for item in images)
+    _check_image(images, "images", allow_batch=True)
+    batch = _convert(images, value_range)
+    return iter([batch] if batch.pixels.shape[0] else [])
 
 
-def _one_image(item: Any, value_range: str, name: str) -> ImageBatch:
-    if isinstance(item, Image.Image):
-        return _from_pil(item, value_range)
-    if isinstance(item, np.ndarray | Tensor):
-        return ImageBatch(*_from_array(item, value_range, name, allow_batch=False))
-    raise TypeError(f"{name} is a {type(item).__name__}; expected {_ACCEPTED}.")
+def _check_image(image: Any, name: str, allow_batch: bool) -> None:
+    """Raise a clear error for anything that is not a usable image (or batch), without reading
+    its pixels."""
+    if isinstance(image, Image.Image):
+        if not image.width or not image.height:
+            raise ValueError(f"{name} is empty (size {image.size}).")
+        return
+    if not isinstance(image, np.ndarray | Tensor):
+        raise TypeError(f"{name} is a {type(image).__name__}; expected {_ACCEPTED}.")
+    is_numpy = isinstance(image, np.ndarray)
+    shape, ndim = tuple(image.shape), image.ndim
+    layout = ("HW, HWC" if is_numpy else "HW, CHW") + (
+        (" or BHWC" if is_numpy else " or BCHW") if allow_batch else ""
+    )
+    if not 2 <= ndim <= (4 if allow_batch else 3):
+        raise ValueError(f"{name} has shape {shape}; expected {layout}.")
+    if is_numpy and not (
+        image.dtype in (np.uint8, np.uint16, np.bool_) or np.issubdtype(image.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"{name} has numpy dtype {image.dtype}; expected uint8, uint16, bool or a float dtype."
+        )
+    if not is_numpy and not (image.dtype in (torch.uint8, torch.bool) or image.is_floating_point()):
+        raise ValueError(
+            f"{name} has torch dtype {image.dtype}; "
+            "expected torch.uint8, torch.bool or a float dtype."
+        )
+    if ndim == 2:
+        nchw = (1, 1, *shape)
+    elif is_numpy:
+        *batch, height, width, channels = shape
+        nchw = (*(batch or [1]), channels, height, width)
+    else:
+        nchw = (1, *shape) if ndim == 3 else shape
+    if nchw[1] not in (1, 2, 3, 4):
+        hint = ""
+        if not is_numpy and nchw[3] in (1, 2, 3, 4):
+            hint = " It looks channels-last: torch tensors are CHW, use .permute(2, 0, 1)."
+        elif is_numpy and ndim == 3 and nchw[2] in (1, 2, 3, 4):
+            hint = " It looks channels-first: numpy arrays are HWC, use .transpose(1, 2, 0)."
+        raise ValueError(
+            f"{name} has {nchw[1]} channels (shape {nchw} read as N, C, H, W); "
+            f"expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA) in layout {layout}.{hint}"
+        )
+    if not nchw[2] or not nchw[3]:
+        raise ValueError(f"{name} is empty (shape {nchw}).")
+
+
+def _convert(image: Image.Image | np.ndarray | Tensor, value_range: str) -> ImageBatch:
+    """An image already checked by :func:`_check_image` as ``[N, C, H, W]`` pixels."""
+    if isinstance(image, Image.Image):
+        return _from_pil(image, value_range)
+    return _from_array(image, value_range)
 
 
 def _from_pil(image: Image.Image, value_range: str) -> ImageBatch:
@@ -127,89 +202,40 @@ def _from_pil(image: Image.Image, value_range: str) -> ImageBatch:
         array = np.asarray(image, dtype=np.float32)
         finite = array[np.isfinite(array)]
         if value_range == "auto" and finite.size and np.abs(finite).max() > 1:
-            # Not [0, 1] or [-1, 1]: Pillow's own scale (convert("F") of an 8-bit image), 0-255.
-            array, value_range = array.clip(0, 255) / 255.0, "0,1"
+            value_range = "0,255"  # not [0, 1] or [-1, 1]: Pillow's own scale (convert("F"))
     elif mode in ("1", "L", "LA", "RGB", "RGBA"):
         array = np.asarray(image)
     elif mode == "La":  # premultiplied; Pillow converts it only to LA
         array = np.asarray(image.convert("LA"))
     else:
         array = np.asarray(image.convert("RGBA" if image.has_transparency_data else "RGB"))
-    pixels, value_range = _from_array(np.array(array), value_range, "PIL image", allow_batch=False)
-    return ImageBatch(pixels, value_range)
+    return _from_array(array, value_range)
 
 
-def _from_array(array: np.ndarray | Tensor, value_range: str, name: str, allow_batch: bool):
-    """Return ``([N, C, H, W] tensor, value_range)`` for an array or tensor."""
-    is_numpy = isinstance(array, np.ndarray)
+def _from_array(array: np.ndarray | Tensor, value_range: str) -> ImageBatch:
+    """``[N, C, H, W]`` pixels of a checked array or tensor (numpy ones become CPU tensors)."""
     ndim = array.ndim
-    max_ndim = 4 if allow_batch else 3
-    layout = ("HW, HWC" if is_numpy else "HW, CHW") + (
-        (" or BHWC" if is_numpy else " or BCHW") if allow_batch else ""
-    )
-    if not 2 <= ndim <= max_ndim:
-        raise ValueError(f"{name} has shape {tuple(array.shape)}; expected {layout}.")
-    if is_numpy:
+    if isinstance(array, np.ndarray):
         if array.dtype == np.uint16:
             value_range = "0,1"
-        array = _numpy_to_tensor(array, name)
+        tensor = _numpy_to_tensor(array)
         if ndim == 2:
-            array = array[None, None]
+            tensor = tensor[None, None]
         else:
-            array = (array[None] if ndim == 3 else array).permute(0, 3, 1, 2)
+            tensor = (tensor[None] if ndim == 3 else tensor).permute(0, 3, 1, 2)
     else:
-        array = _check_tensor_dtype(array, name)
-        if ndim == 2:
-            array = array[None, None]
-        elif ndim == 3:
-            array = array[None]
-    channels = array.shape[1]
-    if channels not in (1, 2, 3, 4):
-        hint = ""
-        if not is_numpy and array.shape[-1] in (1, 2, 3, 4):
-            hint = " It looks channels-last: torch tensors are CHW, use .permute(2, 0, 1)."
-        elif is_numpy and ndim == 3 and array.shape[2] in (1, 2, 3, 4):
-            hint = " It looks channels-first: numpy arrays are HWC, use .transpose(1, 2, 0)."
-        raise ValueError(
-            f"{name} has {channels} channels (shape {tuple(array.shape)} read as N, C, H, W); "
-            f"expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA) in layout {layout}.{hint}"
-        )
-    if array.shape[-1] == 0 or array.shape[-2] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(array.shape)}).")
-    if array.dtype == torch.bool:
-        array = array.to(torch.uint8) * 255
-    return array, value_range
+        tensor = array[None, None] if ndim == 2 else array[None] if ndim == 3 else array
+    if tensor.dtype == torch.bool:
+        tensor = tensor.to(torch.uint8) * 255
+    return ImageBatch(tensor, value_range)
 
 
-def _numpy_to_tensor(array: np.ndarray, name: str) -> Tensor:
-    dtype = array.dtype
-    if dtype == np.uint8:
-        pass
-    elif dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    elif dtype == np.uint16:
+def _numpy_to_tensor(array: np.ndarray) -> Tensor:
+    """A CPU tensor of a checked array: uint16 scaled to [0, 1], floats as float32."""
+    if array.dtype == np.uint16:
         array = array.astype(np.float32) / 65535.0
-    elif np.issubdtype(dtype, np.floating):
+    elif array.dtype != np.uint8 and array.dtype != np.bool_:
         array = array.astype(np.float32, copy=False)
-        finite = array[np.isfinite(array)]
-        if finite.size and np.abs(finite).max() > _FLOAT_LIMIT:
-            raise ValueError(
-                f"{name} is a float array with values in [{finite.min():g}, {finite.max():g}]; "
-                "float pixels must be in [0, 1] or [-1, 1]. Pass uint8 for 0-255 data, or divide "
-                "by 255 first."
-            )
-    else:
-        raise ValueError(
-            f"{name} has numpy dtype {dtype}; expected uint8, uint16, bool or a float dtype."
-        )
     if not array.flags.writeable:
         array = array.copy()
     return torch.from_numpy(array)
-
-
-def _check_tensor_dtype(tensor: Tensor, name: str) -> Tensor:
-    if tensor.dtype in (torch.uint8, torch.bool) or tensor.is_floating_point():
-        return tensor
-    raise ValueError(
-        f"{name} has torch dtype {tensor.dtype}; expected torch.uint8, torch.bool or a float dtype."
-    )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from enum import Enum
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -122,30 +124,48 @@ def levels_from_scores(scores: Tensor, threshold: float) -> Tensor:
     return (scores[:, 1:] >= threshold).sum(dim=-1)
 
 
-def parse_check_level(level: NSFWLevel | str | int) -> NSFWLevel:
+def parse_check_level(level: NSFWLevel | str | int, name: str = "level") -> NSFWLevel:
     """The level to check at: low, medium or high (every image is at least neutral).
+
+    ``name`` is the argument's name, for the error message.
 
     Example:
         >>> parse_check_level("HIGH")
         <NSFWLevel.HIGH: 'high'>
     """
-    level = NSFWLevel.parse(level)
-    if level is NSFWLevel.NEUTRAL:
+    try:
+        parsed = NSFWLevel.parse(level)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed is NSFWLevel.NEUTRAL:
+        why = ": every image is at least neutral" if parsed is NSFWLevel.NEUTRAL else ""
         raise ValueError(
-            "level must be 'low', 'medium' or 'high': every image is at least neutral."
+            f"{name} must be 'low', 'medium' or 'high' (or 1, 2, 3), not {level!r}{why}."
         )
-    return level
+    return parsed
 
 
 def check_threshold(threshold: float) -> float:
     """``threshold`` as a float in [0, 1], or a ValueError.
 
+    Real numbers are accepted, numpy and torch scalars (and one-element arrays) included; bools,
+    strings, NaN and several-element arrays are not.
+
     Example:
-        >>> check_threshold(1)
-        1.0
+        >>> check_threshold(1), check_threshold(np.float32(0.25)), check_threshold(torch.tensor(1))
+        (1.0, 0.25, 1.0)
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+    value = threshold
+    if isinstance(value, np.ndarray | Tensor) and _size(value) == 1:
+        value = value.item()  # a Python bool, int, float or complex
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= value <= 1.0  # also false for NaN
+    ):
         raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
-    if not 0.0 <= threshold <= 1.0:  # also false for NaN
-        raise ValueError(f"threshold={threshold!r}: expected a number in [0, 1].")
-    return float(threshold)
+    return float(value)
+
+
+def _size(array: np.ndarray | Tensor) -> int:
+    return array.numel() if isinstance(array, Tensor) else array.size

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .inputs import parse_value_range
+from .inputs import AUTO_0_255_ABOVE, parse_value_range
 
 __all__ = [
     "WHITE",
@@ -118,15 +118,18 @@ def resized_size(height: int, width: int, config: DataConfig) -> list[int]:
 
 
 class Preprocess(nn.Module):
-    """Images → ``(pixel_values, verifiable)``, all in-graph, on the module's device.
+    """Images → ``(pixels, verifiable)``, all in-graph, on the module's device.
 
     Takes ``[B, C, H, W]`` images (C: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA; uint8 in 0-255, or
-    float in ``value_range``) and returns float32 ``[B, 3, S, S]`` normalized pixels and a ``[B]``
-    bool mask that is false for images with NaN or Inf pixels (replaced, so the model input stays
-    finite; callers give those images the worst-case score). Float
-    pixels are clamped to their range at full size, like diffusers' denormalize, so the model sees
-    the image people see. Alpha is composited over ``background`` (RGB in [0, 1]). Mean, std and
-    background are buffers: they move with the module, with no host-to-device copy per call.
+    float in ``value_range``, see :data:`~nsfw_guard.inputs.VALUE_RANGES`) and returns float32
+    ``[B, 3, S, S]`` normalized pixels and a ``[B]`` bool mask that is false for images with NaN
+    or Inf pixels (replaced, so the model input stays finite; callers give those images the
+    worst-case score). uint8 gray and RGB images are resized as uint8, as the model card's PIL
+    path does (on CPU, PyTorch's uint8 kernel is Pillow's; elsewhere torchvision resizes in float
+    and rounds). Float pixels are clamped to their range at full size, like diffusers'
+    denormalize, so the model sees the image people see. Alpha is composited over ``background``
+    (RGB in [0, 1]). Mean, std and background are buffers: they move with the module, with no
+    host-to-device copy per call.
 
     Example:
         >>> cfg = DataConfig.from_pretrained_cfg(
@@ -157,31 +160,43 @@ class Preprocess(nn.Module):
     def forward(self, images: Tensor, value_range: str = "auto") -> tuple[Tensor, Tensor]:
         value_range = parse_value_range(value_range)
         given = images
-        is_uint8 = images.dtype == torch.uint8
-        images = images.to(self.mean.device).to(torch.float32)
-        if is_uint8:
+        images = images.to(self.mean.device)
+        size = resized_size(images.shape[-2], images.shape[-1], self.config)
+        if images.dtype == torch.uint8:
             verifiable = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+            if images.shape[1] in (1, 3):  # no alpha to composite: resize the uint8 pixels
+                resized = self._resize(images, size).to(torch.float32)
+                return self._normalize(resized, 1.0 / 255.0, 0.0), verifiable
+            images = images.to(torch.float32)
             low, high, scale, offset = 0.0, 255.0, 1.0 / 255.0, 0.0
         else:
+            images = images.to(torch.float32)
             # A sum is finite only if every pixel is: one cheap read finds NaN and Inf.
             verifiable = images.flatten(1).sum(dim=1).isfinite()
             low, high, scale, offset = unit_affine(images, value_range)
             # At full size, like diffusers' denormalize; in place only on our own copy.
-            images = _clamp(images, low, high, inplace=images is not given)
+            images = images.clamp_(low, high) if images is not given else images.clamp(low, high)
 
         if images.shape[1] in (2, 4):
             images = composite_alpha(images * scale + offset, self.background)
             low, high, scale, offset = 0.0, 1.0, 1.0, 0.0
 
-        # Resizing is linear: the range change and normalization are folded into one op on the
-        # smaller resized image. The crop comes last, so the border mode pads with the mean.
-        size = resized_size(images.shape[-2], images.shape[-1], self.config)
-        resized = TF.resize(images, size, interpolation=self._interpolation, antialias=True)
-        resized = _clamp(resized.nan_to_num_(0.0), low, high, inplace=True)
+        resized = self._resize(images, size).nan_to_num_(0.0).clamp_(low, high)
+        return self._normalize(resized, scale, offset), verifiable
+
+    def _resize(self, images: Tensor, size: list[int]) -> Tensor:
+        return TF.resize(images, size, interpolation=self._interpolation, antialias=True)
+
+    def _normalize(self, resized: Tensor, scale: Tensor | float, offset: Tensor | float) -> Tensor:
+        """``(resized * scale + offset - mean) / std`` in one op, then the crop.
+
+        Resizing is linear, so the range change is folded into the normalization of the smaller
+        resized image. The crop comes last, so the border mode pads with the mean.
+        """
         weight = self.inv_std * scale
         bias = (offset - self.mean) * self.inv_std
-        pixels = torch.addcmul(bias, resized, weight)  # (unit - mean) / std, 1 channel → 3
-        return TF.center_crop(pixels, list(self.config.input_size)), verifiable
+        pixels = torch.addcmul(bias, resized, weight)  # 1 channel → 3
+        return TF.center_crop(pixels, list(self.config.input_size))
 
 
 WHITE = (1.0, 1.0, 1.0)
@@ -213,39 +228,42 @@ def to_unit_range(images: Tensor, value_range: str = "auto") -> Tensor:
     Example:
         >>> to_unit_range(torch.tensor([[[[-2.0, 0.0, 0.5]]]]), "-1,1").tolist()
         [[[[0.0, 0.5, 0.75]]]]
+        >>> to_unit_range(torch.tensor([[[[0.0, 127.5, 300.0]]]])).tolist()  # auto: 0-255
+        [[[[0.0, 0.5, 1.0]]]]
     """
     if images.dtype == torch.uint8:
         return images.to(torch.float32) / 255.0
     images = images.to(torch.float32)
     low, high, scale, offset = unit_affine(images, parse_value_range(value_range))
-    return (_clamp(images, low, high, inplace=False) * scale + offset).nan_to_num_(0.0)
+    return (images.clamp(low, high) * scale + offset).nan_to_num_(0.0)
 
 
 def unit_affine(images: Tensor, value_range: str):
     """``(low, high, scale, offset)`` for float images: their range and the map from it to [0, 1].
 
-    ``auto`` decides per image (``[B, 1, 1, 1]`` tensors): ``-1,1`` if any pixel is negative.
+    ``auto`` decides per image, in-graph (``[B, 1, 1, 1]`` tensors): ``-1,1`` if any pixel is
+    negative, else ``0,255`` if any exceeds :data:`~nsfw_guard.inputs.AUTO_0_255_ABOVE`, else
+    ``0,1``.
 
     Example:
         >>> unit_affine(torch.zeros(1, 3, 2, 2), "-1,1")
         (-1.0, 1.0, 0.5, 0.5)
+        >>> images = torch.tensor([-0.5, 0.5, 200.0]).view(3, 1, 1, 1)
+        >>> [value.flatten().tolist() for value in unit_affine(images, "auto")[:2]]
+        [[-1.0, 0.0, 0.0], [1.0, 1.0, 255.0]]
     """
     if value_range == "0,1":
         return 0.0, 1.0, 1.0, 0.0
     if value_range == "-1,1":
         return -1.0, 1.0, 0.5, 0.5
-    signed = (images.flatten(1).amin(dim=1) < 0)[:, None, None, None]
+    if value_range == "0,255":
+        return 0.0, 255.0, 1.0 / 255.0, 0.0
+    smallest, largest = torch.aminmax(images.flatten(1), dim=1)
+    signed = (smallest < 0)[:, None, None, None]
+    bytes_ = (largest > AUTO_0_255_ABOVE)[:, None, None, None] & ~signed
     return (
         torch.where(signed, -1.0, 0.0),
-        1.0,
-        torch.where(signed, 0.5, 1.0),
+        torch.where(bytes_, 255.0, 1.0),
+        torch.where(signed, 0.5, torch.where(bytes_, 1.0 / 255.0, 1.0)),
         torch.where(signed, 0.5, 0.0),
     )
-
-
-def _clamp(images: Tensor, low: Tensor | float, high: float, inplace: bool) -> Tensor:
-    """Clamp to ``[low, high]``, where ``low`` may be a per-image tensor."""
-    if isinstance(low, Tensor):  # torch.clamp takes two tensors or two numbers, not a mix
-        images = images.clamp_(min=low) if inplace else images.clamp(min=low)
-        return images.clamp_(max=high)
-    return images.clamp_(low, high) if inplace else images.clamp(low, high)
