@@ -174,6 +174,9 @@ def make_tiny_pipeline(
             components["tokenizer_2"] = tokenizer
         else:
             components.update(safety_checker=None, requires_safety_checker=False)
+    for component in components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as from_pretrained leaves them
     pipe = pipeline_class(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -187,4 +190,6 @@ def _tiny_tokenizer(folder: Path):
     tokens = ["<|startoftext|>", "<|endoftext|>", "!", *letters, *(f"{c}</w>" for c in letters)]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
+    # Named, so transformers does not guess a class from the folder's name.
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)

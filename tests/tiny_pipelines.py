@@ -1,0 +1,351 @@
+"""Tiny random-weight diffusers pipelines of many kinds, built offline, for the guard's tests.
+
+``make_pipeline(kind, folder)`` returns a real pipeline class with tiny models and the keyword
+arguments of a call that makes two images (one video of two frames for ``video``) in a fraction
+of a second on a CPU. ``sd``, ``sd-img2img`` and ``sdxl`` are
+:func:`nsfw_guard.testing.make_tiny_pipeline`; the inpainting, upscaling and video kinds reuse its
+components. The T5 kinds (IF, SD3, Flux, PixArt) put its offline CLIP tokenizer in front of a tiny
+``T5EncoderModel``: their pipelines only need token ids from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedModel,
+    T5Config,
+    T5EncoderModel,
+)
+
+from nsfw_guard.testing import _tiny_tokenizer, make_tiny_pipeline
+
+_PROMPT = "a photo of a cat"
+_TWO_IMAGES = {"prompt": _PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2}
+"""The call arguments most kinds share: two images of one prompt, two denoising steps."""
+
+_T5_DIM = 16
+
+
+def _image(size: int, batch: int = 1) -> torch.Tensor:
+    """Seeded random RGB images ``[batch, 3, size, size]`` in [0, 1]."""
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _mask(size: int) -> torch.Tensor:
+    """An inpainting mask ``[1, 1, size, size]``: the central square is repainted."""
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4 : -size // 4, size // 4 : -size // 4] = 1.0
+    return mask
+
+
+def _clip(model_class: type[PreTrainedModel] = CLIPTextModel) -> PreTrainedModel:
+    """A tiny CLIP text encoder (or ``CLIPTextModelWithProjection``), 8 wide."""
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        vocab_size=1000,
+        hidden_size=8,
+        intermediate_size=16,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        projection_dim=8,
+    )
+    return model_class(config)
+
+
+def _t5() -> T5EncoderModel:
+    """A tiny T5 encoder whose embeddings are ``_T5_DIM`` wide."""
+    config = T5Config(
+        vocab_size=1000,
+        d_model=_T5_DIM,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+    )
+    return T5EncoderModel(config)
+
+
+def _vae(blocks: int = 2, **config: Any) -> AutoencoderKL:
+    """A tiny VAE with 4 latent channels that scales images down by ``2 ** (blocks - 1)``."""
+    return AutoencoderKL(
+        block_out_channels=[4, 8, 8][:blocks],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+        norm_num_groups=2,
+        **config,
+    )
+
+
+def _inpaint_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """``unet`` widened to the inpainting input: latents, mask and masked-image latents (9)."""
+    return UNet2DConditionModel.from_config({**unet.config, "in_channels": 9})
+
+
+def _sd(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Text to image."""
+    return make_tiny_pipeline("sd", folder), _TWO_IMAGES
+
+
+def _sd_img2img(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Two prompts and two initial images: more outputs than initial images is deprecated."""
+    kwargs = {"prompt": [_PROMPT] * 2, "image": _image(64, 2), "num_inference_steps": 2}
+    return make_tiny_pipeline("sd-img2img", folder), kwargs
+
+
+def _sd_inpaint(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """The ``sd`` components with a 9-channel UNet."""
+    components = make_tiny_pipeline("sd", folder).components
+    components["unet"] = _inpaint_unet(components["unet"])
+    pipe = diffusers.StableDiffusionInpaintPipeline(**components, requires_safety_checker=False)
+    return pipe, {**_TWO_IMAGES, "image": _image(64), "mask_image": _mask(64)}
+
+
+def _sd_upscale(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """The x4 upscaler: a 16x16 image in, 64x64 images out."""
+    sd = make_tiny_pipeline("sd", folder)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=7,  # latents and the noised low-resolution image
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=2,
+        cross_attention_dim=8,
+        num_class_embeds=1000,  # the noise level
+    )
+    pipe = diffusers.StableDiffusionUpscalePipeline(
+        vae=_vae(blocks=3, scaling_factor=0.08333),  # 16x16 latents decode to 64x64
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(),
+        scheduler=diffusers.DDIMScheduler(prediction_type="v_prediction"),
+    )
+    return pipe, {**_TWO_IMAGES, "image": _image(16)}
+
+
+def _if(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """DeepFloyd IF stage I: a pixel-space UNet, no VAE, no safety checker or watermarker."""
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        layers_per_block=1,
+        block_out_channels=(4, 8),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        in_channels=3,
+        out_channels=6,  # the noise and the learned variance of each pixel channel
+        norm_num_groups=2,
+        cross_attention_dim=32,  # divisible by the 32 groups of cross_attention_norm
+        encoder_hid_dim=_T5_DIM,
+        attention_head_dim=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+    )
+    scheduler = DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2",
+        thresholding=True,
+        dynamic_thresholding_ratio=0.95,
+        sample_max_value=1.0,
+        variance_type="learned_range",
+    )
+    pipe = diffusers.IFPipeline(
+        tokenizer=_tiny_tokenizer(folder),
+        text_encoder=_t5(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        requires_safety_checker=False,
+    )
+    return pipe, {**_TWO_IMAGES, "clean_caption": False}
+
+
+def _sdxl(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Text to image with two CLIP text encoders."""
+    return make_tiny_pipeline("sdxl", folder), _TWO_IMAGES
+
+
+def _sdxl_inpaint(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """The ``sdxl`` components with a 9-channel UNet."""
+    components = make_tiny_pipeline("sdxl", folder).components
+    components["unet"] = _inpaint_unet(components["unet"])
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(**components)
+    return pipe, {**_TWO_IMAGES, "image": _image(64), "mask_image": _mask(64)}
+
+
+def _sd3(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """An MMDiT with two CLIP encoders and a T5 encoder."""
+    tokenizer = _tiny_tokenizer(folder)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,  # the attention width, 2 heads x 8
+        joint_attention_dim=_T5_DIM,
+        pooled_projection_dim=16,  # both CLIP projections
+    )
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_clip(CLIPTextModelWithProjection),
+        tokenizer=tokenizer,
+        text_encoder_2=_clip(CLIPTextModelWithProjection),
+        tokenizer_2=tokenizer,
+        text_encoder_3=_t5(),
+        tokenizer_3=tokenizer,
+    )
+    return pipe, _TWO_IMAGES
+
+
+def _flux(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """A CLIP and a T5 encoder; the call sets 64x64, as Flux's default size is fixed (1024)."""
+    tokenizer = _tiny_tokenizer(folder)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_T5_DIM,
+        pooled_projection_dim=8,
+        axes_dims_rope=[4, 4, 8],
+    )
+    pipe = diffusers.FluxPipeline(
+        transformer=transformer,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=_clip(),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5(),
+        tokenizer_2=tokenizer,
+    )
+    return pipe, {**_TWO_IMAGES, "height": 64, "width": 64, "max_sequence_length": 16}
+
+
+def _pixart(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """A DiT on T5 embeddings; resolution binning would change the size to a trained one."""
+    transformer = diffusers.PixArtTransformer2DModel(
+        sample_size=32,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=_T5_DIM,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,  # the noise and the learned variance
+    )
+    pipe = diffusers.PixArtAlphaPipeline(
+        tokenizer=_tiny_tokenizer(folder),
+        text_encoder=_t5(),
+        vae=_vae(),
+        transformer=transformer,
+        scheduler=diffusers.DDIMScheduler(),
+    )
+    kwargs = {**_TWO_IMAGES, "clean_caption": False, "use_resolution_binning": False}
+    return pipe, kwargs
+
+
+def _video(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """ModelScope text to video with the ``sd`` CLIP and VAE: one video of two frames."""
+    sd = make_tiny_pipeline("sd", folder)
+    unet = diffusers.UNet3DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=8,
+        attention_head_dim=4,
+        norm_num_groups=2,
+    )
+    pipe = diffusers.TextToVideoSDPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=unet,
+        scheduler=diffusers.DDIMScheduler(clip_sample=False),
+    )
+    return pipe, {"prompt": _PROMPT, "num_frames": 2, "num_inference_steps": 2}
+
+
+def _ddpm(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Unconditional pixel-space diffusion: no text, no ``folder`` needed."""
+    unet = diffusers.UNet2DModel(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(4, 8),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=2,
+    )
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    return pipe, {"batch_size": 2, "num_inference_steps": 2}
+
+
+_BUILDERS: dict[str, Callable[[Path], tuple[DiffusionPipeline, dict]]] = {
+    "sd": _sd,
+    "sd-img2img": _sd_img2img,
+    "sd-inpaint": _sd_inpaint,
+    "sd-upscale": _sd_upscale,
+    "if": _if,
+    "sdxl": _sdxl,
+    "sdxl-inpaint": _sdxl_inpaint,
+    "sd3": _sd3,
+    "flux": _flux,
+    "pixart": _pixart,
+    "video": _video,
+    "ddpm": _ddpm,
+}
+KINDS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def make_pipeline(kind: str, folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Return ``(pipe, call_kwargs)``: a tiny random-weight pipeline of ``kind`` and its call.
+
+    ``pipe(**call_kwargs, output_type=..., generator=...)`` makes two images (``video``: one
+    video of two frames) of 64x64 pixels. The weights depend only on ``kind``, the models are in
+    eval mode and the global RNG is left untouched. Tokenizer files are written to ``folder``.
+    """
+    if kind not in _BUILDERS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe, kwargs = _BUILDERS[kind](folder)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # as from_pretrained leaves them: T5's dropout would make runs differ
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(kwargs)
