@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    DDIMScheduler,
-    DDPMPipeline,
+    DanceDiffusionPipeline,
     DDPMScheduler,
     DiffusionPipeline,
-    TextToVideoSDPipeline,
-    UNet2DModel,
-    UNet3DConditionModel,
+    StableDiffusionPipeline,
+    UNet1DModel,
 )
 from PIL import Image
 
@@ -25,6 +23,7 @@ from nsfw_guard.preprocess import Preprocess
 from nsfw_guard.testing import make_checkpoint, make_tiny_pipeline
 
 from .conftest import make_brightness_checkpoint
+from .tiny_pipelines import make_pipeline
 
 KINDS = ("sd", "sd-img2img", "sdxl")
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -123,13 +122,15 @@ def test_partly_flagged_batch(pipes, kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_remove_restores_the_pipeline_exactly(pipes, level_checkpoints, kind):
     pipe = pipes[kind]
+    class_before = type(pipe)
+    baseline = _run(pipe, kind).images  # a first call sets the pipeline's per-call attributes
     config_before = dict(pipe.config)
     dict_before = dict(pipe.__dict__)
     processor_before = dict(pipe.image_processor.__dict__)
-    baseline = _run(pipe, kind).images
     g = guard(pipe, model=level_checkpoints["high"], action="blank")
     assert (_run(pipe, kind).images == 0).all()
     g.remove()
+    assert type(pipe) is class_before
     assert dict(pipe.config) == config_before
     assert pipe.__dict__.keys() == dict_before.keys()
     assert all(pipe.__dict__[k] is v for k, v in dict_before.items() if k != "_internal_dict")
@@ -155,9 +156,16 @@ def test_sd_family_registers_the_checker_in_the_config(pipes, level_checkpoints)
     try:
         assert pipe.safety_checker is g.checker
         assert pipe.config.safety_checker == ("nsfw_guard.safety_checker", "NSFWSafetyChecker")
-        assert "run_safety_checker" in pipe.__dict__
+        # The pipeline's own class, with the tensor-native run_safety_checker: nothing patched
+        # onto the instance.
+        assert isinstance(pipe, StableDiffusionPipeline)
+        assert type(pipe) is not StableDiffusionPipeline
+        assert type(pipe).__name__ == "StableDiffusionPipeline"
+        assert type(pipe).run_safety_checker is not StableDiffusionPipeline.run_safety_checker
+        assert "run_safety_checker" not in pipe.__dict__
     finally:
         g.remove()
+    assert type(pipe) is StableDiffusionPipeline
     assert pipe.safety_checker is None and pipe.config.safety_checker == (None, None)
 
 
@@ -260,16 +268,18 @@ def test_nan_latents_are_blanked_and_flagged(pipes, level_checkpoints, kind):
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_latent_output_warns_once_that_nothing_was_checked(pipes, level_checkpoints, kind):
+def test_latent_output_warns_every_time_that_nothing_was_checked(pipes, level_checkpoints, kind):
     pipe = pipes[kind]
     g = guard(pipe, model=level_checkpoints["high"])
     try:
-        with pytest.warns(GuardWarning, match="without checking any image"):
-            _run(pipe, kind, "latent")
-        assert g.last == []
+        _run(pipe, kind, "np")
+        assert len(g.last) == 2
+        for _ in range(2):  # every time, not once per guard
+            with pytest.warns(GuardWarning, match="returned latents.*cannot be checked"):
+                _run(pipe, kind, "latent")
+            assert g.last == []
         with warnings.catch_warnings():
             warnings.simplefilter("error", GuardWarning)
-            _run(pipe, kind, "latent")  # only once
             _run(pipe, kind, "np")
         assert len(g.last) == 2
     finally:
@@ -320,17 +330,18 @@ def test_bad_arguments_are_clear_errors(pipes, level_checkpoints, tmp_path):
         with pytest.raises(ValueError, match=message):
             guard(pipes["sd"], model=level_checkpoints["high"], **settings)
     assert "_nsfw_guard" not in pipes["sd"].__dict__
-    unet = UNet2DModel(
-        sample_size=8,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2,
+    # A pipeline that makes no images is refused in one line, before any model is loaded.
+    unet = UNet1DModel(
+        block_out_channels=(8, 8),
+        in_channels=2,
+        out_channels=2,
+        down_block_types=("DownBlock1DNoSkip", "DownBlock1D"),
+        up_block_types=("UpBlock1D", "UpBlock1DNoSkip"),
     )
-    ddpm = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
-    with pytest.raises(ValueError, match="no.*postprocess step.*NSFWDetector instead"):
-        guard(ddpm, model=level_checkpoints["high"])
-    assert "_nsfw_guard" not in ddpm.__dict__
+    audio = DanceDiffusionPipeline(unet=unet, scheduler=DDPMScheduler())
+    with pytest.raises(ValueError, match="^nsfw-guard cannot guard DanceDiffusionPipeline: it ret"):
+        guard(audio, model="no/such-model")
+    assert type(audio) is DanceDiffusionPipeline and "_nsfw_guard" not in audio.__dict__
 
 
 def test_pil_output_is_real_images(pipes, level_checkpoints):
@@ -375,34 +386,14 @@ def test_works_under_model_cpu_offload(level_checkpoints, kind, tmp_path):
         unguard(pipe)
 
 
-def test_video_frames_are_checked_one_by_one(pipes, tmp_path):
-    sd = pipes["sd"]
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        unet = UNet3DConditionModel(
-            block_out_channels=(4, 8),
-            layers_per_block=1,
-            sample_size=32,
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-            cross_attention_dim=8,
-            attention_head_dim=4,
-            norm_num_groups=2,
-        )
-    video = TextToVideoSDPipeline(
-        vae=sd.vae,
-        text_encoder=sd.text_encoder,
-        tokenizer=sd.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-    )
-    video.set_progress_bar_config(disable=True)
-    inputs = {"num_inference_steps": 2, "num_frames": 3, "height": 64, "width": 64}
-    baseline = video("a cat", output_type="np", generator=torch.manual_seed(0), **inputs).frames
+def test_video_frames_are_checked_one_by_one(tmp_path):
+    video, inputs = make_pipeline("video", tmp_path)
+    inputs = {**inputs, "num_frames": 3}
+    baseline = video(output_type="np", generator=torch.manual_seed(0), **inputs).frames
     # A pivot far below any frame: every frame is flagged, each checked as an image.
     g = guard(video, model=make_brightness_checkpoint(tmp_path, -10.0), action="blank")
     try:
-        frames = video("a cat", output_type="np", generator=torch.manual_seed(0), **inputs).frames
+        frames = video(output_type="np", generator=torch.manual_seed(0), **inputs).frames
     finally:
         g.remove()
     assert frames.shape == baseline.shape == (1, 3, 64, 64, 3)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from nsfw_guard import NSFWDetector, NSFWSafetyChecker
 from nsfw_guard.model import default_dtype
@@ -61,8 +62,8 @@ def test_save_and_reload_round_trip(bright_folder, tmp_path):
     checker = NSFWSafetyChecker.from_pretrained(bright_folder, action="blur", threshold=0.6)
     checker.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["_class_name"] == "NSFWSafetyChecker" and saved["threshold"] == 0.6
-    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    assert saved["model_type"] == "nsfw_guard_safety_checker" and saved["threshold"] == 0.6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     reloaded = NSFWSafetyChecker.from_pretrained(tmp_path)
     assert reloaded.config.action == "blur" and reloaded.config.threshold == 0.6
     images = _images()
@@ -79,6 +80,9 @@ def test_keeps_its_own_dtype_whatever_the_pipeline_asks(bright_folder):
     assert checker.dtype == default_dtype("cpu")
     pinned = NSFWSafetyChecker.from_pretrained(bright_folder, dtype="float32")
     assert pinned.to(torch.bfloat16).dtype == torch.float32
+    # diffusers passes the pipeline's torch dtype on when it loads a component: not the checker's.
+    loaded = NSFWSafetyChecker.from_pretrained(bright_folder, dtype=torch.float16)
+    assert loaded.dtype == default_dtype("cpu")
     with pytest.raises(ValueError, match="dtype='int8'"):
         NSFWSafetyChecker.from_pretrained(bright_folder, dtype="int8")
 
@@ -114,3 +118,21 @@ def test_only_the_classifier_takes_the_checker_dtype(bright_folder):
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     expected = detector.scores(images, value_range="-1,1")
     torch.testing.assert_close(checker.check(images).scores, expected, rtol=0, atol=0)
+
+
+def test_a_checker_saved_by_nsfw_guard_0_1_loads(bright_folder, tmp_path):
+    """0.1.0 saved the checker as a diffusers ModelMixin: its own config keys and weight file."""
+    current = NSFWSafetyChecker.from_pretrained(bright_folder, action="blank", dtype="float32")
+    config = current.config.to_dict()
+    legacy = {key: config[key] for key in ("architecture", "model_args", "pretrained_cfg")}
+    legacy.update(_class_name="NSFWSafetyChecker", _diffusers_version="0.32.0", level="low")
+    legacy.update(threshold=0.5, action="blank", fill_color=[0, 0, 0], dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    # Its weights: the whole component's state dict (keys "check_step.scorer.model.*").
+    weights = {k: v.contiguous() for k, v in current.state_dict().items()}
+    assert all(key.startswith("check_step.scorer.model.") for key in weights)
+    save_file(weights, tmp_path / "diffusion_pytorch_model.safetensors")
+    reloaded = NSFWSafetyChecker.from_pretrained(tmp_path)
+    assert (reloaded.config.level, reloaded.config.classifier_dtype) == ("low", "float32")
+    images = _images()
+    torch.testing.assert_close(reloaded.check(images).scores, current.check(images).scores)

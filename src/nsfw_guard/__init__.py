@@ -17,6 +17,7 @@ _EXPORTS = {
     "NSFWLevel": ".levels",
     "NSFWSafetyChecker": ".safety_checker",
     "Guard": ".pipelines",
+    "GuardError": ".pipelines",
     "GuardResult": ".pipelines",
     "GuardWarning": ".pipelines",
     "guard": ".pipelines",
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .detector import Prediction as Prediction
     from .levels import NSFWLevel as NSFWLevel
     from .pipelines import Guard as Guard
+    from .pipelines import GuardError as GuardError
     from .pipelines import GuardResult as GuardResult
     from .pipelines import GuardWarning as GuardWarning
     from .pipelines import guard as guard

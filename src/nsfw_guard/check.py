@@ -17,7 +17,7 @@ from .levels import NSFWLevel, check_threshold, parse_check_level
 from .preprocess import to_unit_range, unit_affine
 from .scoring import NSFWScorer
 
-__all__ = ["FLAGGED_RANGES", "CheckOutput", "CheckStep"]
+__all__ = ["FLAGGED_RANGES", "CheckOutput", "CheckStep", "from_unit_range"]
 
 FLAGGED_RANGES = ("unit", "input")
 """Where censored images come back: ``"unit"`` in [0, 1] (what diffusers' Stable Diffusion
@@ -100,13 +100,19 @@ class CheckStep(nn.Module):
         censored = censor.apply(unit, verifiable, self.action, **self.censor_params)
         censored = censor.apply(censored, ~verifiable, "blank", color=self.fill_color)
         if flagged_range == "input":
-            censored = _from_unit_range(censored, images, value_range)
+            censored = from_unit_range(censored, images, value_range)
         out = torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
         return CheckOutput(out, flags, scores.to(device), verifiable)
 
 
-def _from_unit_range(unit: Tensor, like: Tensor, value_range: str) -> Tensor:
-    """Map [0, 1] images back to the value range of ``like``."""
+def from_unit_range(unit: Tensor, like: Tensor, value_range: str) -> Tensor:
+    """Map [0, 1] images back to the value range of ``like`` (uint8: 0-255, rounded).
+
+    Example:
+        >>> unit = torch.tensor([[[[0.0, 1.0]]]])
+        >>> from_unit_range(unit, torch.zeros(1, 1, 1, 2), "-1,1").tolist()
+        [[[[-1.0, 1.0]]]]
+    """
     if like.dtype == torch.uint8:
         return (unit * 255.0).round_()
     _, _, scale, offset = unit_affine(like.to(torch.float32), value_range)

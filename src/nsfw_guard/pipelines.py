@@ -1,48 +1,71 @@
-"""``guard(pipe)``: attach the NSFW check to any diffusers pipeline, and ``unguard`` it again.
+"""``guard(pipe)``: check every image a diffusers pipeline returns, and ``unguard`` it again.
 
-Two ways in, both on the decoded tensor, on the pipeline's device:
+A guard is one :class:`Guard` object kept on the pipeline (``pipe._nsfw_guard``). What it
+attached, and how to undo it, is data on that object, not closures, so ``copy.deepcopy`` and
+``pickle`` give a pipeline with its own independent guard, and ``copy.copy`` one with a fresh guard
+of its own. Attaching changes only the pipeline instance:
 
-- Pipelines with a ``safety_checker`` component (the Stable Diffusion family): the checker is
-  registered as that component, and the pipeline's ``run_safety_checker`` is replaced on this
-  instance by a tensor-native one (no feature extractor, no PIL, no ``.cpu()`` of the images).
-  ``output.nsfw_content_detected`` is filled as usual.
-- Every other pipeline (SDXL, SD3, Flux, PixArt, Sana, video pipelines, ...): the check runs where
-  the pipeline postprocesses its decoded images (``image_processor.postprocess`` or
-  ``video_processor.postprocess``), and censored images keep that place's value range.
+- Its class becomes a subclass of its own class, with the same name: its ``__call__`` opens and
+  closes each call's state (``Guard.last``) and checks whatever the pipeline returns that was not
+  checked on the way, its ``run_safety_checker`` (where the pipeline has one) is the
+  tensor-native check, returning what the call site unpacks.
+- The Stable Diffusion family: the checker is registered as the ``safety_checker`` component, so
+  ``save_pretrained`` saves it and ``from_pipe`` carries it (see :mod:`nsfw_guard.safety_checker`).
+- Other pipelines: the pipeline's ``image_processor`` / ``video_processor`` is replaced by a copy
+  that checks the decoded tensors in its ``postprocess``.
+- The decoder (or denoiser) it shares with pipelines made by ``from_pipe`` gets a forward pre-hook
+  that warns when it runs for a pipeline that is not guarded.
 
 Failures are closed: an image that could not be checked is never returned uncensored.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
+import copyreg
+import functools
 import os
+import sys
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from torch import Tensor
+from diffusers.image_processor import VaeImageProcessor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers import CLIPImageProcessor
 
 from . import DEFAULT_MODEL, censor
+from .check import from_unit_range
 from .detector import NSFWDetector
 from .levels import NSFWLevel, check_threshold, parse_check_level
+from .pipeline_outputs import locate_images
+from .pipeline_support import PipelineSupport, pipeline_support
 from .preprocess import to_unit_range
 from .safety_checker import NSFWSafetyChecker
 
-__all__ = ["ON_ERROR", "Guard", "GuardResult", "GuardWarning", "guard", "unguard"]
+__all__ = ["ON_ERROR", "Guard", "GuardError", "GuardResult", "GuardWarning", "guard", "unguard"]
 
 ON_ERROR = ("block", "raise")
-_MISSING = object()
 _WORST = (0.0, 1.0, 1.0, 1.0)
+_DECODERS = ("vae", "movq", "vqvae")
+_DENOISERS = ("unet", "transformer", "prior", "decoder")
+# Where a warning is not attributed: it points at the first frame outside these.
+_LIBRARIES = ("nsfw_guard", "diffusers", "transformers", "accelerate", "torch")
 
 
 class GuardWarning(UserWarning):
     """Something was blocked or could not be checked; the message says what and why."""
+
+
+class GuardError(RuntimeError):
+    """A guarded pipeline's output could not be checked, so it was not returned."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +75,7 @@ class GuardResult:
     ``level`` is the highest level whose score reached the threshold, ``scores`` the four level
     scores, ``flagged`` whether the image was censored. ``reason`` says why an image was blocked
     without a verdict (NaN/Inf pixels, a failed check); those get the worst-case scores.
-    ``original`` is the uncensored image (``[3, H, W]`` float in [0, 1], CPU), only with
+    ``original`` is the uncensored image (``[C, H, W]`` float in [0, 1], CPU), only with
     ``keep_originals=True``.
     """
 
@@ -61,6 +84,19 @@ class GuardResult:
     flagged: bool
     reason: str | None = None
     original: Tensor | None = None
+
+
+class _Call:
+    """One guarded pipeline call in progress: the results of the images checked so far."""
+
+    def __init__(self, guard: Guard):
+        self.guard = guard
+        self.results: list[GuardResult] = []
+
+
+_ACTIVE_CALL: ContextVar[_Call | None] = ContextVar("nsfw_guard_active_call", default=None)
+# Pipelines already warned that they run a guarded pipeline's modules unguarded.
+_WARNED_UNGUARDED: weakref.WeakSet[DiffusionPipeline] = weakref.WeakSet()
 
 
 class Guard:
@@ -81,10 +117,13 @@ class Guard:
         self.on_error = on_error
         self.keep_originals = keep_originals
         self.last: list[GuardResult] = []
-        """One result per image of the last pipeline call (per frame for video)."""
-        self._restore: list[Callable[[], None]] = []
-        self._call_open = False
-        self._warned_unchecked = False
+        """One result per image of the last pipeline call (per frame for video); ``[]`` when it
+        checked nothing or raised."""
+        # What attaching changed, to undo it: the components and processors it replaced, and
+        # the hooks it added.
+        self._components_before: dict[str, Any] = {}
+        self._processors_before: dict[str, VaeImageProcessor] = {}
+        self._watches: list[RemovableHandle] = []
 
     @property
     def level(self) -> NSFWLevel:
@@ -94,118 +133,167 @@ class Guard:
     def threshold(self) -> float:
         return self.checker.check_step.threshold
 
+    @property
+    def support(self) -> PipelineSupport:
+        """What nsfw-guard read from the pipeline's class (:mod:`nsfw_guard.pipeline_support`)."""
+        return pipeline_support(_base_class(type(self.pipe)))
+
+    def __repr__(self) -> str:
+        return (
+            f"Guard({_base_class(type(self.pipe)).__name__}, level={self.level.value!r}, "
+            f"threshold={self.threshold}, action={self.checker.config.action!r})"
+        )
+
     def remove(self) -> None:
-        """Detach: the pipeline's components, config and methods are as they were before."""
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
+        """Detach: the pipeline's class, components, processors and config are as they were."""
+        if self.pipe.__dict__.get("_nsfw_guard") is not self:
+            return  # already removed, or replaced by another guard
+        self._undo_on(self.pipe)
+        for handle in self._watches:
+            handle.remove()
+        self._watches.clear()
         self.checker.keep_on(None)
-        if self.pipe.__dict__.get("_nsfw_guard") is self:
-            del self.pipe.__dict__["_nsfw_guard"]
 
     # Attaching ---------------------------------------------------------------------------------
 
     def _attach(self) -> None:
-        if _has_safety_checker_slot(self.pipe):
-            self._attach_as_safety_checker()
-        else:
-            self._attach_to_postprocess()
-        self._wrap(self.pipe, "maybe_free_model_hooks", self._after_call)
-        self.pipe.__dict__["_nsfw_guard"] = self
+        pipe, support = self.pipe, self.support
+        if support.checker_slot:
+            self._register_checker()
+        elif support.checker_values is None:
+            self._guard_processors()
+        self._watch_shared_modules()
+        pipe.__dict__["_nsfw_guard"] = self
+        pipe.__class__ = guarded_class(_base_class(type(pipe)))
 
-    def _attach_as_safety_checker(self) -> None:
+    def _register_checker(self) -> None:
         pipe = self.pipe
-        components = {"safety_checker": self.checker}
-        if "feature_extractor" in pipe.components and pipe.feature_extractor is None:
-            # diffusers refuses to load a pipeline whose checker has no feature extractor; a
-            # config-only processor lets a saved guarded pipeline reload (it is not used here).
+        components: dict[str, Any] = {"safety_checker": self.checker}
+        if getattr(pipe, "feature_extractor", None) is None:
+            # diffusers refuses to build or load a pipeline whose checker has no feature
+            # extractor; a config-only processor lets from_pipe and a reload work.
             components["feature_extractor"] = CLIPImageProcessor()
-        previous = {name: getattr(pipe, name) for name in components}
+        self._components_before = {name: getattr(pipe, name) for name in components}
         pipe.register_modules(**components)
-        self._restore.append(lambda: pipe.register_modules(**previous))
-        self._wrap(pipe, "run_safety_checker", lambda original: self._run_safety_checker)
 
-    def _attach_to_postprocess(self) -> None:
-        processors = [
-            getattr(self.pipe, name, None) for name in ("image_processor", "video_processor")
-        ]
-        processors = [p for p in processors if callable(getattr(p, "postprocess", None))]
-        if not processors:
-            raise ValueError(
-                f"{type(self.pipe).__name__} has neither a safety_checker component nor an "
-                "image_processor/video_processor postprocess step that nsfw-guard can hook. "
-                "Check its output with NSFWDetector instead."
-            )
-        for processor in processors:
-            self._wrap(
-                processor,
-                "postprocess",
-                lambda original, p=processor: self._postprocess(p, original),
-            )
+    def _guard_processors(self) -> None:
+        for name in ("image_processor", "video_processor"):
+            processor = self.pipe.__dict__.get(name)
+            if not isinstance(processor, VaeImageProcessor) or name in self.pipe.config:
+                continue
+            checked = copy.copy(processor)
+            checked.__class__ = _guarded_subclass(_GuardedProcessor, type(processor))
+            checked.__dict__["_nsfw_guard"] = self
+            self._processors_before[name] = processor
+            self.pipe.__dict__[name] = checked
 
-    def _wrap(self, owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-        """Set ``owner.name`` on the instance to ``make(current)``; remember how to undo it."""
-        before = owner.__dict__.get(name, _MISSING)
-        owner.__dict__[name] = make(getattr(owner, name))
+    def _watch_shared_modules(self) -> None:
+        owner = _base_class(type(self.pipe)).__name__
+        for name, module in _shared_modules(self.pipe):
+            watch = _SharedModuleWatch(owner, name)
+            self._watches.append(module.register_forward_pre_hook(watch))
 
-        def restore() -> None:
-            if before is _MISSING:
-                owner.__dict__.pop(name, None)
-            else:
-                owner.__dict__[name] = before
+    def _undo_on(self, pipe: DiffusionPipeline) -> None:
+        """Give ``pipe`` (this guard's pipeline, or a copy of it) back what attaching replaced."""
+        for name, original in self._processors_before.items():
+            current = pipe.__dict__.get(name)
+            if isinstance(current, _GuardedProcessor) and current._nsfw_guard is self:
+                pipe.__dict__[name] = original
+        if self._components_before and getattr(pipe, "safety_checker", None) is self.checker:
+            pipe.register_modules(**self._components_before)
+        pipe.__dict__.pop("_nsfw_guard", None)
+        pipe.__class__ = _base_class(type(pipe))
 
-        self._restore.append(restore)
+    def _copy_to(self, pipe: DiffusionPipeline) -> Guard:
+        """Give ``pipe``, a shallow copy of this guard's pipeline, a guard of its own."""
+        self._undo_on(pipe)
+        copied = Guard(pipe, self.checker, self.on_error, self.keep_originals)
+        copied._attach()
+        return copied
 
     # Per call ------------------------------------------------------------------------------------
 
-    def _run_safety_checker(
-        self, image: Tensor | np.ndarray, device: Any = None, dtype: Any = None
-    ):
-        """The tensor-native ``run_safety_checker``: ``(images, [flagged, ...])``."""
-        if isinstance(image, np.ndarray):  # a few pipelines decode to numpy BHWC in [0, 1]
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
-            checked, flags = self._check(pixels, "0,1", "unit", device)
-            return checked.permute(0, 2, 3, 1).cpu().numpy(), flags
-        return self._check(image, "-1,1", "unit", device)
+    def _call(self, call: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run the pipeline call: ``last`` gets exactly its images' results, ``[]`` if it raised."""
+        state = _Call(self)
+        token = _ACTIVE_CALL.set(state)
+        self.last = []
+        try:
+            output = call(self.pipe, *args, **kwargs)
+            output_type = self.support.output_type(self.pipe, args, kwargs)
+            output = self._check_output(output, output_type, state)
+        finally:
+            _ACTIVE_CALL.reset(token)
+        self.last = state.results
+        return output
 
-    def _postprocess(self, processor: Any, original: Callable) -> Callable:
-        def postprocess(image: Any, *args: Any, **kwargs: Any) -> Any:
-            output_type = kwargs.get("output_type", args[0] if args else "pil")
-            if output_type == "latent" or not torch.is_tensor(image):
-                return original(image, *args, **kwargs)
-            denormalize = kwargs.get("do_denormalize", args[1] if len(args) > 1 else None)
-            value_range = _postprocess_range(processor, denormalize)
-            checked, _ = self._check(image, value_range, "input")
-            return original(checked, *args, **kwargs)
-
-        return postprocess
-
-    def _after_call(self, original: Callable) -> Callable:
-        """Wrap ``maybe_free_model_hooks``, which diffusers pipelines call as they return."""
-
-        def maybe_free_model_hooks(*args: Any, **kwargs: Any) -> Any:
-            self._end_of_call()
-            return original(*args, **kwargs)
-
-        return maybe_free_model_hooks
-
-    def _end_of_call(self) -> None:
-        if not self._call_open:
-            self.last = []
-            if not self._warned_unchecked:
-                self._warned_unchecked = True
-                warnings.warn(
-                    "nsfw-guard: a pipeline call finished without checking any image (with "
-                    "output_type='latent' nothing is decoded, so nothing can be checked). "
-                    "Check decoded images yourself, e.g. with NSFWDetector.",
-                    GuardWarning,
-                    stacklevel=3,
+    def _check_output(self, output: Any, output_type: Any, state: _Call) -> Any:
+        """Check the images of ``output`` that were not checked on their way out."""
+        name = _base_class(type(self.pipe)).__name__
+        if output_type == "latent" and self.support.latent_output:
+            if not state.results:
+                _warn(
+                    f"nsfw-guard: this {name} call returned latents (output_type='latent'), "
+                    "which cannot be checked. Check the images you decode from them, e.g. with "
+                    "NSFWDetector."
                 )
-        self._call_open = False
+            return output
+        located = locate_images(output, self.support)
+        if located is None:
+            if state.results:
+                return output  # checked on the way; nothing else here is an image
+            raise GuardError(
+                f"nsfw-guard found no images it can check in what {name} returned "
+                f"({type(output).__name__}, output_type={output_type!r}), so it is not returned. "
+                "Use output_type 'pil', 'np' or 'pt', or unguard the pipeline."
+            )
+        if len(state.results) >= located.count:
+            return output
+        device = _execution_device(self.pipe, self.checker)
+        checked, results = [], []
+        for group in located.groups:
+            pixels, group_results = self._check(
+                group.pixels.to(device), group.value_range, "input", device
+            )
+            checked.append(pixels)
+            results.extend(group_results)
+        state.results = results
+        return located.replace(checked, [result.flagged for result in results])
+
+    def _run_safety_checker(self, image: Tensor | np.ndarray, device: Any, values: int) -> tuple:
+        """The tensor-native ``run_safety_checker``: ``(images, flags)`` and ``None`` for each
+        further value the call site unpacks (DeepFloyd IF's and the upscaler's watermark flag)."""
+        if isinstance(image, np.ndarray):  # numpy BHWC in [0, 1] (DeepFloyd IF, T2I-Adapter)
+            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)
+            checked, results = self._check(pixels, "0,1", "unit", device)
+            checked = checked.permute(0, 2, 3, 1).cpu().numpy()
+        else:
+            checked, results = self._check(image, "-1,1", "unit", device)
+        self._record(results)
+        return (checked, [result.flagged for result in results], *([None] * (values - 2)))
+
+    def _postprocess(
+        self, processor: VaeImageProcessor, postprocess: Callable, image: Any, args, kwargs
+    ) -> Any:
+        """``processor.postprocess`` with the decoded images checked first."""
+        output_type = kwargs.get("output_type", args[0] if args else "pil")
+        if output_type == "latent" or not torch.is_tensor(image):
+            return postprocess(image, *args, **kwargs)
+        denormalize = kwargs.get("do_denormalize", args[1] if len(args) > 1 else None)
+        checked, results = self._check(image, _postprocess_range(processor, denormalize), "input")
+        self._record(results)
+        return postprocess(checked, *args, **kwargs)
+
+    def _record(self, results: list[GuardResult]) -> None:
+        state = _ACTIVE_CALL.get()
+        if state is not None and state.guard is self:
+            state.results.extend(results)
+        else:  # checked outside a pipeline call (its processor called directly)
+            self.last = results
 
     def _check(
         self, images: Tensor, value_range: str, flagged_range: str, device: Any = None
-    ) -> tuple[Tensor, list[bool]]:
+    ) -> tuple[Tensor, list[GuardResult]]:
         """Check a batch; fail closed. The only host transfer is the verdicts, at the end."""
         count = images.shape[0]
         try:
@@ -219,11 +307,9 @@ class Guard:
         except Exception as error:
             if self.on_error == "raise":
                 raise
-            warnings.warn(
+            _warn(
                 f"nsfw-guard: the NSFW check failed ({type(error).__name__}: {error}); all "
-                f"{count} image(s) of this batch are blanked and flagged.",
-                GuardWarning,
-                stacklevel=3,
+                f"{count} image(s) of this batch are blanked and flagged."
             )
             reason = f"check failed: {type(error).__name__}: {error}"
             checked = self._blanked(images, value_range, flagged_range)
@@ -232,11 +318,9 @@ class Guard:
             reason = "NaN or Inf pixels"
             unverifiable = sum(1 for row in verdicts if not row[5])
             if unverifiable:
-                warnings.warn(
+                _warn(
                     f"nsfw-guard: {unverifiable} image(s) had NaN or Inf pixels (an fp16 VAE "
-                    "overflow?) and could not be checked; they are blanked and flagged.",
-                    GuardWarning,
-                    stacklevel=3,
+                    "overflow?) and could not be checked; they are blanked and flagged."
                 )
         originals = self._originals(images, value_range)
         results = [
@@ -249,10 +333,7 @@ class Guard:
             )
             for i, row in enumerate(verdicts)
         ]
-        if not self._call_open:
-            self.last, self._call_open = [], True
-        self.last.extend(results)
-        return checked, [result.flagged for result in results]
+        return checked, results
 
     def _place_checker(self, device: torch.device) -> None:
         """Run on the pipeline's device; under model CPU offload, stay there between calls."""
@@ -264,8 +345,8 @@ class Guard:
     def _blanked(self, images: Tensor, value_range: str, flagged_range: str) -> Tensor:
         color = self.checker.check_step.fill_color
         filled = censor.blank(torch.zeros_like(images, dtype=torch.float32), color)
-        if flagged_range == "input" and value_range != "0,1":
-            filled = filled * 2.0 - 1.0
+        if flagged_range == "input":
+            filled = from_unit_range(filled, images, value_range)
         return filled.to(images.dtype)
 
     def _originals(self, images: Tensor, value_range: str) -> list[Tensor] | None:
@@ -298,7 +379,8 @@ def guard(
     ``Freepik/nsfw_image_detector``. The classifier runs on the pipeline's device, in bf16 on
     CUDA and float32 on CPUs without native bf16, whatever the pipeline's dtype.
     ``on_error="block"`` blanks and flags images whose check raised, with a warning;
-    ``"raise"`` re-raises. Guarding a guarded pipeline replaces its guard.
+    ``"raise"`` re-raises. Guarding a guarded pipeline replaces its guard. Pipelines that return
+    no images (audio, embeddings, depth) are refused with a ValueError saying why.
 
     Example:
         >>> import tempfile
@@ -314,6 +396,10 @@ def guard(
         raise TypeError(f"guard() takes a diffusers pipeline, not a {type(pipe).__name__}.")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}: expected one of {', '.join(ON_ERROR)}.")
+    base = _base_class(type(pipe))
+    refused = pipeline_support(base).refused
+    if refused:
+        raise ValueError(f"nsfw-guard cannot guard {base.__name__}: {refused}.")
     settings = {
         "level": parse_check_level(level).value,
         "threshold": check_threshold(threshold),
@@ -323,8 +409,8 @@ def guard(
         "fill_color": tuple(fill_color),
     }
     if isinstance(model, NSFWDetector):  # share its weights, in its dtype
-        dtype = str(model.dtype).removeprefix("torch.")
-        checker = NSFWSafetyChecker.from_loaded(model.checkpoint, dtype=dtype, **settings)
+        settings["classifier_dtype"] = str(model.dtype).removeprefix("torch.")
+        checker = NSFWSafetyChecker.from_loaded(model.checkpoint, **settings)
     else:
         checker = NSFWSafetyChecker.from_pretrained(model or DEFAULT_MODEL, **settings)
     unguard(pipe)
@@ -334,7 +420,7 @@ def guard(
 
 
 def unguard(pipe: DiffusionPipeline) -> None:
-    """Remove the guard from ``pipe``, if it has one.
+    """Remove the guard from ``pipe``, if it has one; other pipelines are left as they are.
 
     Example:
         >>> import tempfile
@@ -342,23 +428,241 @@ def unguard(pipe: DiffusionPipeline) -> None:
         >>> pipe = make_tiny_pipeline("sdxl")
         >>> _ = guard(pipe, model=make_checkpoint(tempfile.mkdtemp()))
         >>> unguard(pipe)
-        >>> "_nsfw_guard" in pipe.__dict__
-        False
+        >>> "_nsfw_guard" in pipe.__dict__, type(pipe).__name__
+        (False, 'StableDiffusionXLPipeline')
     """
     existing = pipe.__dict__.get("_nsfw_guard")
-    if existing is not None:
+    if isinstance(existing, Guard) and existing.pipe is pipe:
         existing.remove()
+    elif isinstance(existing, Guard):  # a copy that shares another pipeline's guard
+        existing._undo_on(pipe)
+    else:
+        pipe.__class__ = _base_class(type(pipe))
 
 
-def _has_safety_checker_slot(pipe: DiffusionPipeline) -> bool:
-    """Whether ``pipe`` calls ``run_safety_checker(image, device, dtype)`` with its checker."""
-    method = getattr(type(pipe), "run_safety_checker", None)
-    if "safety_checker" not in pipe.components or method is None:
-        return False
-    return list(inspect.signature(method).parameters)[1:] == ["image", "device", "dtype"]
+# The guarded classes ---------------------------------------------------------------------------
 
 
-def _postprocess_range(processor: Any, do_denormalize: list[bool] | None) -> str:
+class _GuardedSubclass:
+    """Base of the classes nsfw-guard derives from a guarded object's own class (same name).
+
+    Instances pickle and copy as instances of the derived class, rebuilt from the original class.
+    """
+
+    _nsfw_guard_base: ClassVar[type]
+
+    def __reduce_ex__(self, protocol: int):
+        reduced = super().__reduce_ex__(protocol)
+        if protocol < 2 or reduced[0] is not copyreg.__newobj__:
+            raise TypeError(f"{type(self).__name__} with nsfw-guard pickles with protocol >= 2.")
+        cls, *args = reduced[1]
+        mixin = next(c for c in type(self).__mro__ if c in _MIXINS)
+        return (_new_guarded, (mixin, cls._nsfw_guard_base, *args), *reduced[2:])
+
+
+class _GuardedPipeline(_GuardedSubclass):
+    """What a guarded pipeline's class adds to its own: per-call state, copies, saving."""
+
+    def __copy__(self) -> DiffusionPipeline:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        existing = new.__dict__.get("_nsfw_guard")
+        if isinstance(existing, Guard):
+            existing._copy_to(new)
+        else:
+            new.__class__ = _base_class(type(self))
+        return new
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        existing = self.__dict__.get("_nsfw_guard")
+        if isinstance(existing, Guard) and not existing.support.checker_slot:
+            _warn(
+                f"nsfw-guard: {type(self).__name__} has no safety_checker slot to save the guard "
+                "in, so the saved pipeline is not guarded when it is loaded again; call "
+                "nsfw_guard.guard() on it after from_pretrained."
+            )
+        return result
+
+
+class _GuardedProcessor(_GuardedSubclass):
+    """A guarded pipeline's own copy of its image or video processor: checks in ``postprocess``.
+
+    ``VideoProcessor.postprocess_video`` calls ``postprocess`` once per video, frames as a batch.
+    """
+
+    _nsfw_guard: Guard
+
+    def postprocess(self, image: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._nsfw_guard._postprocess(self, super().postprocess, image, args, kwargs)
+
+
+_MIXINS = (_GuardedPipeline, _GuardedProcessor)
+
+
+@functools.cache
+def _guarded_subclass(mixin: type, base: type) -> type:
+    """``base`` with ``mixin`` in front, under ``base``'s own name and module."""
+    namespace = {
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+        "_nsfw_guard_base": base,
+    }
+    return type(base.__name__, (mixin, base), namespace)
+
+
+@functools.cache
+def guarded_class(base: type[DiffusionPipeline]) -> type[DiffusionPipeline]:
+    """The class a guarded ``base`` pipeline gets: its ``__call__`` and ``run_safety_checker``
+    go through the pipeline's guard.
+
+    Example:
+        >>> from diffusers import StableDiffusionPipeline
+        >>> cls = guarded_class(StableDiffusionPipeline)
+        >>> cls.__name__, issubclass(cls, StableDiffusionPipeline)
+        ('StableDiffusionPipeline', True)
+    """
+    cls = _guarded_subclass(_GuardedPipeline, base)
+    cls.__call__ = _guarded_call(base.__call__)
+    values = pipeline_support(base).checker_values
+    if values is not None:
+        cls.run_safety_checker = _guarded_run_safety_checker(base.run_safety_checker, values)
+    return cls
+
+
+def _new_guarded(mixin: type, base: type, *args: Any) -> Any:
+    """Unpickle or copy an instance of a guarded class."""
+    cls = guarded_class(base) if mixin is _GuardedPipeline else _guarded_subclass(mixin, base)
+    return cls.__new__(cls, *args)
+
+
+def _base_class(cls: type) -> type:
+    return cls._nsfw_guard_base if issubclass(cls, _GuardedSubclass) else cls
+
+
+def _own_guard(pipe: DiffusionPipeline) -> Guard | None:
+    existing = pipe.__dict__.get("_nsfw_guard")
+    return existing if isinstance(existing, Guard) and existing.pipe is pipe else None
+
+
+def _guarded_call(call: Callable) -> Callable:
+    @functools.wraps(call)
+    def __call__(self: DiffusionPipeline, *args: Any, **kwargs: Any) -> Any:
+        own = _own_guard(self)
+        if own is None:
+            _warn(
+                f"nsfw-guard: this {type(self).__name__} has a guarded pipeline's class but no "
+                "guard of its own (made with from_pipe or from_pretrained on that class?), so "
+                "its images are not checked; call nsfw_guard.guard() on it."
+            )
+            return call(self, *args, **kwargs)
+        return own._call(call, args, kwargs)
+
+    return __call__
+
+
+def _guarded_run_safety_checker(run_safety_checker: Callable, values: int) -> Callable:
+    @functools.wraps(run_safety_checker)
+    def guarded(self: DiffusionPipeline, image: Any, device: Any = None, dtype: Any = None):
+        own = _own_guard(self)
+        if own is None:
+            return run_safety_checker(self, image, device, dtype)
+        return own._run_safety_checker(image, device, values)
+
+    return guarded
+
+
+# Modules shared with other pipelines -----------------------------------------------------------
+
+
+class _SharedModuleWatch:
+    """Forward pre-hook on a guarded pipeline's decoder: warns when it runs for a pipeline that is
+    not guarded (one made by ``from_pipe``, or from the guarded pipeline's components)."""
+
+    def __init__(self, owner: str, module_name: str):
+        self.owner = owner
+        self.module_name = module_name
+        self.warned_outside = False
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if _ACTIVE_CALL.get() is not None:
+            return
+        pipe = _calling_pipeline()
+        if pipe is None:
+            if not self.warned_outside:
+                self.warned_outside = True
+                _warn(
+                    f"nsfw-guard: the {self.module_name} of a guarded {self.owner} runs outside "
+                    "a guarded pipeline call: nothing it makes is checked."
+                )
+            return
+        if pipe in _WARNED_UNGUARDED or _checks_with_slot(pipe):
+            return
+        _WARNED_UNGUARDED.add(pipe)
+        _warn(
+            f"nsfw-guard: this {type(pipe).__name__} is not guarded, but it runs the "
+            f"{self.module_name} of a guarded {self.owner} (made with from_pipe, or from its "
+            "components?): its images are not checked. Call nsfw_guard.guard() on it."
+        )
+
+
+def _shared_modules(pipe: DiffusionPipeline) -> Iterator[tuple[str, nn.Module]]:
+    """The modules every image of ``pipe`` goes through: its decoders, else its denoisers."""
+    try:
+        components = pipe.components
+    except ValueError:  # a pipeline initialised in a way diffusers does not expect
+        return
+    modules = [
+        (f"{name}.decoder", component.decoder)
+        for name, component in components.items()
+        if name in _DECODERS and isinstance(getattr(component, "decoder", None), nn.Module)
+    ]
+    if not modules:
+        modules = [
+            (name, component)
+            for name, component in components.items()
+            if name.startswith(_DENOISERS) and isinstance(component, nn.Module)
+        ]
+    yield from modules
+
+
+def _calling_pipeline() -> DiffusionPipeline | None:
+    """The pipeline whose ``__call__`` is running further up this thread's stack, if any."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, DiffusionPipeline):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _checks_with_slot(pipe: DiffusionPipeline) -> bool:
+    """Whether ``pipe``'s stock ``run_safety_checker`` runs an NSFWSafetyChecker (from_pipe of a
+    guarded Stable Diffusion pipeline carries it)."""
+    checker = getattr(pipe, "safety_checker", None)
+    return isinstance(checker, NSFWSafetyChecker) and pipeline_support(type(pipe)).checker_slot
+
+
+def _warn(message: str) -> None:
+    """Warn with a GuardWarning attributed to the first caller outside nsfw-guard and the libraries
+    it runs inside (usually the line that called the pipeline)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, GuardWarning, stacklevel=level)
+
+
+def _execution_device(pipe: DiffusionPipeline, checker: NSFWSafetyChecker) -> torch.device:
+    try:
+        return pipe._execution_device
+    except Exception:  # no module to ask (a pipeline made of sub-pipelines, ...)
+        return checker.device
+
+
+def _postprocess_range(processor: VaeImageProcessor, do_denormalize: list[bool] | None) -> str:
     """The value range of images reaching ``processor.postprocess``."""
     if do_denormalize is None:
         return "-1,1" if getattr(processor.config, "do_normalize", True) else "0,1"

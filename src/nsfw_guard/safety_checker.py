@@ -1,9 +1,12 @@
 """``NSFWSafetyChecker``: the check step as a diffusers pipeline component.
 
-A ``ModelMixin + ConfigMixin``, so ``pipe.to(...)`` moves it, ``pipe.save_pretrained`` saves it
-and ``DiffusionPipeline.from_pretrained`` reloads it (once ``nsfw_guard`` is imported). Called the
-way diffusers' stock code calls a safety checker, ``checker(images=..., clip_input=...)``, it
-honours that contract: flagged images come back in [0, 1], the others untouched.
+Like diffusers' own ``StableDiffusionSafetyChecker``, it is a transformers ``PreTrainedModel``, so
+diffusers treats it as it treats its own checkers: ``pipe.to(...)`` moves it,
+``pipe.save_pretrained`` saves it, ``DiffusionPipeline.from_pretrained`` reloads it (once
+``nsfw_guard`` is imported) and ``from_pipe`` carries it to the new pipeline (diffusers drops a
+diffusers ``ModelMixin`` component whose type differs from the slot's type hint). Called the way
+diffusers' stock code calls a safety checker, ``checker(images=..., clip_input=...)``, it honours
+that contract: flagged images come back in [0, 1], the others untouched.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
 import torch
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 from . import DEFAULT_MODEL, censor
 from .check import CheckOutput, CheckStep
@@ -27,26 +31,57 @@ from .model import ARCHITECTURE, LABELS, LoadedModel, default_dtype, load_model,
 from .preprocess import DataConfig
 from .scoring import NSFWScorer
 
-__all__ = ["DTYPES", "ModelMixin", "NSFWSafetyChecker"]
+# diffusers finds the save/load methods of a component through the base class names its module
+# exposes: PreTrainedModel must be importable from here.
+__all__ = ["DTYPES", "NSFWSafetyChecker", "NSFWSafetyCheckerConfig", "PreTrainedModel"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """The checker's own dtype: ``auto`` is bf16 on CUDA and on CPUs with native bf16, else float32."""
 
-_SETTINGS = (
-    "level",
-    "threshold",
-    "action",
-    "blur_radius",
-    "pixelate_block_size",
-    "fill_color",
-    "dtype",
-)
+SETTINGS = ("level", "threshold", "action", "blur_radius", "pixelate_block_size", "fill_color")
+"""What a checker decides and how it censors: the arguments ``guard()`` passes on."""
+
+WEIGHTS_NAME = "model.safetensors"
+# Written by nsfw-guard 0.1.0, when the checker was a diffusers ModelMixin.
+_LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-class NSFWSafetyChecker(ModelMixin, ConfigMixin):
+class NSFWSafetyCheckerConfig(PretrainedConfig):
+    """The checker's settings and the classifier's recipe (not its weights)."""
+
+    model_type = "nsfw_guard_safety_checker"
+
+    def __init__(
+        self,
+        architecture: str = ARCHITECTURE,
+        model_args: dict[str, Any] | None = None,
+        pretrained_cfg: dict[str, Any] | None = None,
+        level: str = "medium",
+        threshold: float = 0.5,
+        action: str = "blur",
+        blur_radius: float = censor.DEFAULT_BLUR_RADIUS,
+        pixelate_block_size: int | None = None,
+        fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        classifier_dtype: str = "auto",
+        **kwargs: Any,
+    ):
+        self.architecture = architecture
+        self.model_args = dict(model_args or {})
+        self.pretrained_cfg = dict(pretrained_cfg or {})
+        self.level = NSFWLevel.parse(level).value
+        self.threshold = threshold
+        self.action = action
+        self.blur_radius = blur_radius
+        self.pixelate_block_size = pixelate_block_size
+        self.fill_color = list(fill_color)
+        self.classifier_dtype = _check_dtype_name(classifier_dtype)
+        super().__init__(**kwargs)
+
+
+class NSFWSafetyChecker(PreTrainedModel):
     """The 4-level NSFW check as a diffusers component: score, flag at a level, censor.
 
-    The classifier keeps its own dtype (``dtype`` config) whatever ``pipe.to(dtype)`` asks: the
+    The classifier keeps its own dtype (``classifier_dtype``) whatever ``pipe.to(dtype)`` asks: the
     pipeline's fp16 is not the classifier's. A callable ``action`` works but is not saved: a
     reloaded checker blanks instead.
 
@@ -61,57 +96,54 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         ([True, True], 0.0)
     """
 
-    ignore_for_config: ClassVar[list[str]] = ["model"]  # the classifier: weights, not config
+    config_class = NSFWSafetyCheckerConfig
+    main_input_name = "images"
 
-    @register_to_config
     def __init__(
         self,
-        architecture: str = ARCHITECTURE,
-        model_args: dict[str, Any] | None = None,
-        pretrained_cfg: dict[str, Any] | None = None,
-        level: str = "medium",
-        threshold: float = 0.5,
-        action: censor.Action = "blur",
-        blur_radius: float = censor.DEFAULT_BLUR_RADIUS,
-        pixelate_block_size: int | None = None,
-        fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
-        dtype: str = "auto",
+        config: NSFWSafetyCheckerConfig,
         model: nn.Module | None = None,
+        action: censor.Action | None = None,
     ):
-        super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}.")
+        super().__init__(config)
+        action = config.action if action is None else action
         if callable(action):
-            self.register_to_config(action="custom")  # a function cannot be saved
-        elif action == "custom":
+            config.action = "custom"  # a function cannot be saved
+        elif action != "custom":
+            config.action = censor.check_action(action)
+        else:
             warnings.warn(
                 "this checker was saved with a custom (callable) action, which is not saved; "
                 "flagged images are blanked instead.",
                 stacklevel=2,
             )
-            action = "blank"
+            action = config.action = "blank"
         if model is None:
             model = timm.create_model(
-                architecture, pretrained=False, num_classes=len(LABELS), **(model_args or {})
+                config.architecture, pretrained=False, num_classes=len(LABELS), **config.model_args
             )
             model.eval().requires_grad_(False)
         data_config = DataConfig.from_pretrained_cfg(
-            {**model.pretrained_cfg, **(pretrained_cfg or {})}
+            {**model.pretrained_cfg, **config.pretrained_cfg}
         )
         # Both checked whatever the action: a bad setting fails here, not at generation time.
         params = {
-            "blur": censor.check_params("blur", {"radius": blur_radius}),
-            "pixelate": censor.check_params("pixelate", {"block_size": pixelate_block_size}),
+            "blur": censor.check_params("blur", {"radius": config.blur_radius}),
+            "pixelate": censor.check_params("pixelate", {"block_size": config.pixelate_block_size}),
         }
         self.check_step = CheckStep(
             NSFWScorer(model, data_config),
-            level=NSFWLevel.parse(level),
-            threshold=threshold,
+            level=config.level,
+            threshold=config.threshold,
             action=action,
             censor_params=params.get(action, {}) if isinstance(action, str) else {},
-            fill_color=tuple(fill_color),
+            fill_color=tuple(config.fill_color),
         )
         self._kept_on: torch.device | None = None
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Weights come from the classifier checkpoint; transformers must not re-initialise them."""
 
     @classmethod
     def from_pretrained(
@@ -120,8 +152,11 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         """Load a saved checker, or build one around a classifier checkpoint (Hub id or folder).
 
         Settings (``level``, ``threshold``, ``action``, ``blur_radius``, ``pixelate_block_size``,
-        ``fill_color``, ``dtype``) override the saved ones. ``revision``, ``cache_dir`` and
-        ``local_files_only`` select the checkpoint; the pipeline's ``torch_dtype`` is ignored.
+        ``fill_color``) override the saved ones; ``dtype`` is the classifier's (``"auto"``,
+        ``"float32"``, ``"bfloat16"``, ``"float16"``): a ``torch.dtype`` there, such as the
+        pipeline's that diffusers passes on, is ignored. ``revision``, ``cache_dir``,
+        ``local_files_only`` and ``subfolder`` select the folder; diffusers' other loading
+        arguments are ignored.
 
         Example:
             >>> import tempfile
@@ -130,7 +165,6 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             >>> checker.config.level, checker.config.action
             ('medium', 'blur')
         """
-        kwargs.pop("torch_dtype", None)
         folder = resolve_folder(
             pretrained_model_name_or_path,
             kwargs.get("revision"),
@@ -138,17 +172,22 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
             kwargs.get("cache_dir"),
         )
         if kwargs.get("subfolder"):
-            folder = folder / kwargs.pop("subfolder")
-        config_path = folder / "config.json"
-        saved = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        if saved.get("_class_name") == cls.__name__:
-            checker = super().from_pretrained(folder, **kwargs)
-        else:
+            folder = folder / kwargs["subfolder"]
+        settings = {k: kwargs[k] for k in SETTINGS if k in kwargs}
+        dtype = kwargs.get("dtype")
+        if isinstance(dtype, str):
+            settings["classifier_dtype"] = _check_dtype_name(dtype)
+        saved = _read_saved_config(folder)
+        if saved is None:  # a classifier checkpoint: the Hub's format or timm's
             device = torch.device("cpu")
-            loaded = load_model(
-                folder, device=device, dtype=_dtype(kwargs.get("dtype", "auto"), device)
-            )
-            checker = cls.from_loaded(loaded, **{k: v for k, v in kwargs.items() if k in _SETTINGS})
+            name = settings.get("classifier_dtype", "auto")
+            loaded = load_model(folder, device=device, dtype=_dtype(name, device))
+            checker = cls.from_loaded(loaded, **settings)
+        else:
+            action = settings.pop("action", None)
+            config = NSFWSafetyCheckerConfig(**{**saved, **settings})
+            checker = cls(config, action=action)
+            checker.check_step.scorer.model.load_state_dict(_read_saved_weights(folder))
         return checker.to(checker.device)
 
     @classmethod
@@ -156,23 +195,36 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         """A checker around an already loaded classifier (its weights are shared, not copied).
 
         ``NSFWDetector.checkpoint`` is one: ``NSFWSafetyChecker.from_loaded(detector.checkpoint)``.
+        ``settings`` are the config's (``level``, ..., ``classifier_dtype``).
         """
-        return cls(
+        action = settings.pop("action", None)
+        config = NSFWSafetyCheckerConfig(
             architecture=loaded.architecture,
             model_args=loaded.model_args,
             pretrained_cfg=loaded.data_config.to_pretrained_cfg(),
-            model=loaded.model,
             **settings,
         )
+        return cls(config, model=loaded.model, action=action)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``config.json`` and the classifier's weights (``model.safetensors``).
+
+        diffusers' ``pipe.save_pretrained`` calls this; its other arguments are not needed.
+        """
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(folder)
+        weights = self.check_step.scorer.model.state_dict()
+        save_file({k: v.contiguous() for k, v in weights.items()}, folder / WEIGHTS_NAME)
 
     def to(self, *args: Any, **kwargs: Any) -> NSFWSafetyChecker:
         """Move to a device, keeping the checker's own dtype; stay put while kept on a device."""
         device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         device = self._kept_on or (torch.device(device) if device is not None else self.device)
-        # nn.Module's own: ModelMixin.to only adds quantization checks and a spurious warning.
+        # nn.Module's own: PreTrainedModel.to only adds quantization checks.
         nn.Module.to(self, device=device, non_blocking=non_blocking)
         # Only the classifier takes the checker's dtype: preprocessing constants stay float32.
-        self.check_step.scorer.model.to(dtype=_dtype(self.config.dtype, device))
+        self.check_step.scorer.model.to(dtype=_dtype(self.config.classifier_dtype, device))
         return self
 
     def keep_on(self, device: torch.device | str | None) -> None:
@@ -206,7 +258,34 @@ class NSFWSafetyChecker(ModelMixin, ConfigMixin):
         return checked, output.flags.tolist()
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
+def _read_saved_config(folder: Path) -> dict[str, Any] | None:
+    """The settings of a checker saved in ``folder``; ``None`` for a classifier checkpoint."""
+    path = folder / "config.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("model_type") == NSFWSafetyCheckerConfig.model_type:
+        return {k: v for k, v in saved.items() if k not in ("model_type", "transformers_version")}
+    if saved.get("_class_name") == NSFWSafetyChecker.__name__:  # nsfw-guard 0.1.0
+        settings = {k: v for k, v in saved.items() if not k.startswith("_")}
+        settings["classifier_dtype"] = settings.pop("dtype", "auto")
+        return settings
+    return None
+
+
+def _read_saved_weights(folder: Path) -> dict[str, Tensor]:
+    for name in (WEIGHTS_NAME, _LEGACY_WEIGHTS_NAME):
+        if (folder / name).is_file():
+            weights = load_file(folder / name)
+            prefix = "check_step.scorer.model."  # 0.1.0 saved the whole component
+            return {k.removeprefix(prefix): v for k, v in weights.items()}
+    raise FileNotFoundError(f"{folder} has a saved NSFWSafetyChecker config but no {WEIGHTS_NAME}.")
+
+
+def _check_dtype_name(name: str) -> str:
     if name not in DTYPES:
         raise ValueError(f"dtype={name!r}: expected one of {', '.join(DTYPES)}.")
+    return name
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    name = _check_dtype_name(name)
     return default_dtype(device) if name == "auto" else getattr(torch, name)

@@ -1,0 +1,112 @@
+"""Guarded diffusers pipelines, one of each family, built tiny and offline: with a checkpoint forced
+to "high" every returned image is censored, with one forced to "neutral" every output is
+bit-identical to the unguarded one, for output types pil, np and pt; latents warn every time.
+Pixel-space pipelines (DeepFloyd IF, DDPM) have no latents: what they return for "latent" is
+images, and those are checked too."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nsfw_guard import GuardWarning, guard, unguard
+from nsfw_guard.pipeline_support import IMAGE_FIELDS, NSFW_FIELDS, pipeline_support
+
+from .tiny_pipelines import KINDS, make_pipeline
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def built(request, tmp_path_factory):
+    pipe, inputs = make_pipeline(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, pipe, inputs
+
+
+def _call(pipe, inputs, output_type, **kwargs):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(**inputs, output_type=output_type, generator=generator, **kwargs)
+
+
+def _images(output):
+    """The output's images (its first image field with a value)."""
+    return next(output[name] for name in IMAGE_FIELDS if output.get(name) is not None)
+
+
+def _pixels(images) -> np.ndarray:
+    """Images in any output form as one float64 array, in their own value range."""
+    if isinstance(images, torch.Tensor):
+        return images.double().cpu().numpy()
+    if isinstance(images, Image.Image):
+        return np.asarray(images, dtype=np.float64)
+    if isinstance(images, list | tuple):
+        return np.stack([_pixels(item) for item in images])
+    return np.asarray(images, dtype=np.float64)
+
+
+def _count(images) -> int:
+    """How many images (video frames) ``images`` holds."""
+    if isinstance(images, list | tuple):
+        return (
+            sum(_count(item) for item in images)
+            if not isinstance(images[0], Image.Image)
+            else len(images)
+        )
+    return int(np.prod(images.shape[:-3]))
+
+
+def test_every_image_is_censored_or_left_bit_identical(built, level_checkpoints):
+    kind, pipe, inputs = built
+    has_latents = pipeline_support(type(pipe)).latent_output
+    output_types = OUTPUT_TYPES if has_latents else (*OUTPUT_TYPES, "latent")
+    baselines = {kind_: _pixels(_images(_call(pipe, inputs, kind_))) for kind_ in output_types}
+    latents = _images(_call(pipe, inputs, "latent"))
+
+    g = guard(pipe, model=level_checkpoints["high"], action="blank")
+    try:
+        for output_type in output_types:
+            output = _call(pipe, inputs, output_type)
+            images = _images(output)
+            pixels = _pixels(images)
+            assert pixels.shape == baselines[output_type].shape, (kind, output_type)
+            # Blank is black in the output's own range: DeepFloyd IF's "pt" images are in [-1, 1].
+            black = -1.0 if (kind == "if" and output_type == "pt") else 0.0
+            assert (pixels == black).all(), (kind, output_type)
+            assert len(g.last) == _count(images) and all(r.flagged for r in g.last)
+            for name in NSFW_FIELDS:
+                if name in output:
+                    assert output[name] == [True] * len(output[name]), (kind, output_type)
+        if has_latents:
+            with pytest.warns(GuardWarning, match="returned latents"):
+                _call(pipe, inputs, "latent")
+            assert g.last == []
+
+        g = guard(pipe, model=level_checkpoints["neutral"], action="blank")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GuardWarning)
+            for output_type in output_types:
+                images = _images(_call(pipe, inputs, output_type))
+                np.testing.assert_array_equal(_pixels(images), baselines[output_type])
+                assert len(g.last) == _count(images) and not any(r.flagged for r in g.last)
+        if has_latents:
+            with pytest.warns(GuardWarning, match="returned latents"):
+                guarded_latents = _images(_call(pipe, inputs, "latent"))
+            torch.testing.assert_close(guarded_latents, latents, rtol=0, atol=0)
+    finally:
+        unguard(pipe)
+
+
+@pytest.mark.parametrize(("kind", "output_type"), [("if", "pt"), ("ddpm", "np"), ("sdxl", "pil")])
+def test_tuple_outputs_are_checked_in_place(kind, output_type, level_checkpoints, tmp_path):
+    """With return_dict=False the images are the tuple's image field; DeepFloyd IF's "pt" output
+    skips its run_safety_checker, so its flags are filled in where its nsfw_detected goes."""
+    pipe, inputs = make_pipeline(kind, tmp_path)
+    g = guard(pipe, model=level_checkpoints["high"], action="blank")
+    output = _call(pipe, inputs, output_type, return_dict=False)
+    assert isinstance(output, tuple)
+    black = -1.0 if kind == "if" else 0.0
+    assert (_pixels(output[0]) == black).all() and len(g.last) == _count(output[0])
+    if kind == "if":
+        assert output[1] == [True] * _count(output[0]) and output[2] is None
