@@ -59,7 +59,8 @@ def _count(images) -> int:
 
 def test_every_image_is_censored_or_left_bit_identical(built, level_checkpoints):
     kind, pipe, inputs = built
-    has_latents = pipeline_support(type(pipe)).latent_output
+    support = pipeline_support(type(pipe))
+    has_latents = support.latent_output
     output_types = OUTPUT_TYPES if has_latents else (*OUTPUT_TYPES, "latent")
     baselines = {kind_: _pixels(_images(_call(pipe, inputs, kind_))) for kind_ in output_types}
     latents = _images(_call(pipe, inputs, "latent"))
@@ -71,8 +72,8 @@ def test_every_image_is_censored_or_left_bit_identical(built, level_checkpoints)
             images = _images(output)
             pixels = _pixels(images)
             assert pixels.shape == baselines[output_type].shape, (kind, output_type)
-            # Blank is black in the output's own range: DeepFloyd IF's "pt" images are in [-1, 1].
-            black = -1.0 if (kind == "if" and output_type == "pt") else 0.0
+            # Blank is black in the output's own range: IF's and Kandinsky's "pt" is [-1, 1].
+            black = -1.0 if output_type == "pt" and support.pt_value_range == "-1,1" else 0.0
             assert (pixels == black).all(), (kind, output_type)
             assert len(g.last) == _count(images) and all(r.flagged for r in g.last)
             for name in NSFW_FIELDS:

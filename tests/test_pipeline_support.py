@@ -56,7 +56,8 @@ def test_every_diffusers_pipeline_is_guarded_or_refused_with_a_reason():
         ("StableDiffusionXLPipeline", None, False, "auto"),
         ("StableDiffusion3Pipeline", None, False, "auto"),
         ("FluxPipeline", None, False, "auto"),
-        ("DDPMPipeline", None, False, "auto"),
+        ("DDPMPipeline", None, False, "auto"),  # maps to [0, 1] for every output type
+        ("KandinskyV22Pipeline", None, False, "-1,1"),
     ],
 )
 def test_where_each_family_is_checked(name, values, slot, pt_range):

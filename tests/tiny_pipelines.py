@@ -5,7 +5,9 @@ arguments of a call that makes two images (one video of two frames for ``video``
 of a second on a CPU. ``sd``, ``sd-img2img`` and ``sdxl`` are
 :func:`nsfw_guard.testing.make_tiny_pipeline`; the inpainting, upscaling and video kinds reuse its
 components. The T5 kinds (IF, SD3, Flux, PixArt) put its offline CLIP tokenizer in front of a tiny
-``T5EncoderModel``: their pipelines only need token ids from it.
+``T5EncoderModel``: their pipelines only need token ids from it. ``kandinsky22`` is a pipeline
+with neither a safety checker nor an image processor; ``sd-image-variation`` one that frees its
+model hooks before it postprocesses.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from PIL import Image
 from transformers import (
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     PreTrainedModel,
     T5Config,
     T5EncoderModel,
@@ -33,6 +39,7 @@ _TWO_IMAGES = {"prompt": _PROMPT, "num_images_per_prompt": 2, "num_inference_ste
 """The call arguments most kinds share: two images of one prompt, two denoising steps."""
 
 _T5_DIM = 16
+_EMBED_DIM = 16  # Kandinsky's image embeddings
 
 
 def _image(size: int, batch: int = 1) -> torch.Tensor:
@@ -315,6 +322,73 @@ def _ddpm(folder: Path) -> tuple[DiffusionPipeline, dict]:
     return pipe, {"batch_size": 2, "num_inference_steps": 2}
 
 
+def _kandinsky22(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Kandinsky 2.2's decoder: image embeddings in, a MoVQ decoder out, no image processor."""
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=8,  # mean and variance
+        addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        encoder_hid_dim=_EMBED_DIM,
+        encoder_hid_dim_type="image_proj",
+        cross_attention_dim=8,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        norm_num_groups=4,
+    )
+    movq = diffusers.VQModel(
+        block_out_channels=[32, 32],  # its spatial norms have 32 groups
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        norm_type="spatial",
+        num_vq_embeddings=12,
+        vq_embed_dim=4,
+    )
+    scheduler = diffusers.DDIMScheduler(clip_sample=False, steps_offset=1)
+    pipe = diffusers.KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq)
+    embeds = torch.randn(2, 1, _EMBED_DIM, generator=torch.Generator().manual_seed(0))
+    kwargs = {"image_embeds": embeds[0], "negative_image_embeds": embeds[1]}
+    sizes = {"height": 64, "width": 64}
+    return pipe, {**kwargs, **sizes, "num_images_per_prompt": 2, "num_inference_steps": 2}
+
+
+def _sd_image_variation(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """SD conditioned on a CLIP image embedding; it frees its model hooks before postprocessing."""
+    sd = make_tiny_pipeline("sd", folder)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            image_size=32,
+            patch_size=8,
+            projection_dim=8,  # the UNet's cross-attention width
+        )
+    )
+    pipe = diffusers.StableDiffusionImageVariationPipeline(
+        vae=sd.vae,
+        image_encoder=encoder,
+        unet=sd.unet,
+        scheduler=sd.scheduler,
+        safety_checker=None,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+        requires_safety_checker=False,
+    )
+    # A PIL image, which its feature extractor resizes for the encoder (tensors go in as they are).
+    image = Image.fromarray((_image(64)[0].permute(1, 2, 0) * 255).byte().numpy())
+    return pipe, {"image": image, "num_images_per_prompt": 2, "num_inference_steps": 2}
+
+
 _BUILDERS: dict[str, Callable[[Path], tuple[DiffusionPipeline, dict]]] = {
     "sd": _sd,
     "sd-img2img": _sd_img2img,
@@ -328,6 +402,8 @@ _BUILDERS: dict[str, Callable[[Path], tuple[DiffusionPipeline, dict]]] = {
     "pixart": _pixart,
     "video": _video,
     "ddpm": _ddpm,
+    "kandinsky22": _kandinsky22,
+    "sd-image-variation": _sd_image_variation,
 }
 KINDS: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -34,7 +34,6 @@ IMAGE_FIELDS = ("images", "frames", "image", "video", "videos", "rgb")
 """Output fields that hold a pipeline's images or video frames, in order of preference."""
 NSFW_FIELDS = ("nsfw_content_detected", "nsfw_detected")
 """Output fields that hold per-image NSFW flags."""
-_DEEPFLOYD_IF = "diffusers.pipelines.deepfloyd_if"
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,9 @@ class PipelineSupport:
     calls ``self.safety_checker(images=..., clip_input=...)`` for ``(images, flags)``, so that an
     ``NSFWSafetyChecker`` in that slot works even without the guard (after ``from_pipe`` or a
     reload). ``output_fields`` are the fields of the output class, when the source names one.
-    ``pt_value_range`` is the range of ``output_type="pt"`` images. ``latent_output`` says whether
+    ``pt_value_range`` is the range of ``output_type="pt"`` images: ``"-1,1"`` where the source
+    maps images to [0, 1] only for other output types (DeepFloyd IF, Kandinsky), else ``"auto"``
+    (a pipeline's "pt" images are in [0, 1]). ``latent_output`` says whether
     ``output_type="latent"`` returns latents: pixel-space pipelines (DeepFloyd IF, DDPM) treat it
     as any other value and return images, which are checked.
     """
@@ -105,8 +106,7 @@ def pipeline_support(cls: type[DiffusionPipeline]) -> PipelineSupport:
         checker_values=checker_values,
         checker_slot=checker_values == 2 and _has_checker_slot(cls),
         output_fields=fields,
-        # DeepFloyd IF returns its pixels as they are for "pt": [-1, 1], not denormalized.
-        pt_value_range="-1,1" if cls.__module__.startswith(_DEEPFLOYD_IF) else "auto",
+        pt_value_range="-1,1" if call_tree is not None and _raw_pt_output(call_tree) else "auto",
         # Without its source, "latent" is taken at its word (the output is not images).
         latent_output=call_tree is None or _compares_with(call_tree, "output_type", "latent"),
         call_signature=call_signature,
@@ -184,6 +184,53 @@ def _compares_with(tree: ast.AST, name: str, value: str) -> bool:
         if name in names and value in constants:
             return True
     return False
+
+
+def _raw_pt_output(tree: ast.AST) -> bool:
+    """Whether the source maps [-1, 1] images to [0, 1] (``x / 2 + 0.5``, ``x * 0.5 + 0.5``) only
+    under an ``if output_type ...`` that leaves "pt" out, so "pt" images stay in [-1, 1]."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            selected = _selected_output_types(node.test)
+            if selected and "pt" not in selected and any(map(_is_denormalize, ast.walk(node))):
+                return True
+    return False
+
+
+def _selected_output_types(test: ast.expr) -> set[str] | None:
+    """The output types ``if output_type == "x"`` or ``if output_type in [...]`` selects."""
+    if not (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "output_type"
+        and len(test.ops) == 1
+    ):
+        return None
+    right = test.comparators[0]
+    if isinstance(test.ops[0], ast.Eq) and isinstance(right, ast.Constant):
+        return {right.value}
+    if isinstance(test.ops[0], ast.In) and isinstance(right, ast.List | ast.Tuple | ast.Set):
+        return {item.value for item in right.elts if isinstance(item, ast.Constant)}
+    return None
+
+
+def _is_denormalize(node: ast.AST) -> bool:
+    """``x / 2 + 0.5`` or ``x * 0.5 + 0.5``."""
+    if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)):
+        return False
+    left = node.left
+    return (
+        _is_number(node.right, 0.5)
+        and isinstance(left, ast.BinOp)
+        and (
+            (isinstance(left.op, ast.Div) and _is_number(left.right, 2))
+            or (isinstance(left.op, ast.Mult) and _is_number(left.right, 0.5))
+        )
+    )
+
+
+def _is_number(node: ast.AST, value: float) -> bool:
+    return isinstance(node, ast.Constant) and node.value == value
 
 
 def _has_checker_slot(cls: type[DiffusionPipeline]) -> bool:
