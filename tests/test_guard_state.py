@@ -75,6 +75,12 @@ def test_a_shallow_copy_has_its_own_guard(sd, sdxl, level_checkpoints, kind):
     with pytest.warns(GuardWarning, match="is not guarded, but it runs the vae.decoder"):
         np.testing.assert_array_equal(_run(copied, kind).images, baseline)
     assert _blank(pipe, kind) and len(g.last) == 2
+    # A copy made by hand, carrying the original's guard, gets a guard of its own when called.
+    by_hand = object.__new__(type(pipe))
+    by_hand.__dict__.update(pipe.__dict__)
+    assert (_run(by_hand, kind, count=1).images == 0).all()
+    assert by_hand._nsfw_guard is not g and by_hand._nsfw_guard.pipe is by_hand
+    assert len(g.last) == 2 and len(by_hand._nsfw_guard.last) == 1
     g.remove()
     np.testing.assert_array_equal(_run(pipe, kind).images, baseline)
 

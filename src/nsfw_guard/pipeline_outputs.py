@@ -3,9 +3,9 @@
 A pipeline returns a ``BaseOutput`` (``images``, ``frames``, ...) or, with ``return_dict=False``, a
 tuple; the images are PIL images (a list, or a list of frame lists for video), numpy arrays
 (``BHWC``, or ``BFHWC`` for video) or tensors (``BCHW``, or ``BFCHW``). :func:`locate_images` finds
-them and turns them into ``[N, C, H, W]`` batches; :meth:`LocatedImages.replace` builds the same
-output with the checked images, leaving every unflagged image as it was (PIL images: the same
-objects).
+and counts them; each :class:`ImageGroup` loads its images as an ``[N, C, H, W]`` batch only when
+asked (counting converts nothing); :meth:`LocatedImages.replace` builds the same output with the
+checked images, leaving every unflagged image as it was (PIL images: the same objects).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ _PIL_MODES = ("L", "RGB", "RGBA")
 
 @dataclass
 class ImageGroup:
-    """Same-size images ``[N, C, H, W]`` in ``value_range``, and how to rebuild their own form
-    from checked pixels and per-image flags."""
+    """``count`` same-size images in ``value_range``: ``load()`` gives them as ``[N, C, H, W]``,
+    ``rebuild`` their own form from checked pixels and per-image flags."""
 
-    pixels: Tensor
+    count: int
     value_range: str
+    load: Callable[[], Tensor]
     rebuild: Callable[[Tensor, list[bool]], Any]
 
 
@@ -49,15 +50,14 @@ class LocatedImages:
 
     @property
     def count(self) -> int:
-        return sum(group.pixels.shape[0] for group in self.groups)
+        return sum(group.count for group in self.groups)
 
     def replace(self, checked: list[Tensor], flags: list[bool]) -> Any:
         """The output with ``checked`` (one tensor per group) in place of its images."""
         values, start = [], 0
         for group, pixels in zip(self.groups, checked, strict=True):
-            size = group.pixels.shape[0]
-            values.append(group.rebuild(pixels, flags[start : start + size]))
-            start += size
+            values.append(group.rebuild(pixels, flags[start : start + group.count]))
+            start += group.count
         value = self.rebuild(values)
         if self.key is None:
             return value
@@ -82,7 +82,7 @@ def locate_images(output: Any, support: PipelineSupport) -> LocatedImages | None
         >>> from nsfw_guard.pipeline_support import pipeline_support
         >>> output = StableDiffusionXLPipelineOutput(images=np.zeros((2, 8, 8, 3), np.float32))
         >>> located = locate_images(output, pipeline_support(StableDiffusionXLPipeline))
-        >>> located.count, located.groups[0].pixels.shape
+        >>> located.count, located.groups[0].load().shape
         (2, torch.Size([2, 3, 8, 8]))
     """
     fields = support.output_fields or ()
@@ -140,7 +140,11 @@ def _tensor_groups(value: Tensor, value_range: str):
     if pixels.shape[1] not in (1, 2, 3, 4):
         return None
     device = value.device
-    group = ImageGroup(pixels, value_range, lambda checked, _: checked.reshape(shape).to(device))
+
+    def rebuild(checked: Tensor, flags: list[bool]) -> Tensor:
+        return checked.reshape(shape).to(device)
+
+    group = ImageGroup(pixels.shape[0], value_range, lambda: pixels, rebuild)
     return [group], lambda values: values[0]
 
 
@@ -161,7 +165,7 @@ def _array_groups(value: np.ndarray):
         result[flags] = censored[flags]
         return result.reshape(shape)
 
-    return [ImageGroup(pixels, "auto", rebuild)], lambda values: values[0]
+    return [ImageGroup(pixels.shape[0], "auto", lambda: pixels, rebuild)], lambda values: values[0]
 
 
 def _pil_groups(images: list[Image.Image]):
@@ -172,13 +176,7 @@ def _pil_groups(images: list[Image.Image]):
             runs[-1].append(image)
         else:
             runs.append([image])
-    groups = []
-    for run in runs:
-        readable = [image if image.mode in _PIL_MODES else image.convert("RGB") for image in run]
-        arrays = [np.asarray(image) for image in readable]
-        arrays = [array[..., None] if array.ndim == 2 else array for array in arrays]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        groups.append(ImageGroup(pixels, "0,1", _pil_rebuild(run, readable[0].mode)))
+    groups = [ImageGroup(len(run), "0,1", _pil_load(run), _pil_rebuild(run)) for run in runs]
 
     def rebuild(values: list[list[Image.Image]]) -> list[Image.Image]:
         return [image for run in values for image in run]
@@ -186,13 +184,23 @@ def _pil_groups(images: list[Image.Image]):
     return groups, rebuild
 
 
-def _pil_rebuild(run: list[Image.Image], mode: str):
+def _pil_load(run: list[Image.Image]) -> Callable[[], Tensor]:
+    def load() -> Tensor:
+        readable = [image if image.mode in _PIL_MODES else image.convert("RGB") for image in run]
+        arrays = [np.asarray(image) for image in readable]
+        arrays = [array[..., None] if array.ndim == 2 else array for array in arrays]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    return load
+
+
+def _pil_rebuild(run: list[Image.Image]):
     def rebuild(checked: Tensor, flags: list[bool]) -> list[Image.Image]:
         if not any(flags):
             return run
         arrays = checked.permute(0, 2, 3, 1).cpu().numpy()
         return [
-            Image.fromarray(array.squeeze(-1) if mode == "L" else array) if flag else image
+            Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array) if flag else image
             for image, array, flag in zip(run, arrays, flags, strict=True)
         ]
 

@@ -253,7 +253,7 @@ class Guard:
         checked, results = [], []
         for group in located.groups:
             pixels, group_results = self._check(
-                group.pixels.to(device), group.value_range, "input", device
+                group.load().to(device), group.value_range, "input", device
             )
             checked.append(pixels)
             results.extend(group_results)
@@ -542,8 +542,12 @@ def _base_class(cls: type) -> type:
 
 
 def _own_guard(pipe: DiffusionPipeline) -> Guard | None:
+    """``pipe``'s guard; a copy made without ``copy.copy`` that carries its original's guard gets
+    a guard of its own first, so that it never records into, or undoes, the original's."""
     existing = pipe.__dict__.get("_nsfw_guard")
-    return existing if isinstance(existing, Guard) and existing.pipe is pipe else None
+    if not isinstance(existing, Guard):
+        return None
+    return existing if existing.pipe is pipe else existing._copy_to(pipe)
 
 
 def _guarded_call(call: Callable) -> Callable:
