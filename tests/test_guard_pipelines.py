@@ -9,9 +9,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 from PIL import Image
 
-from nsfw_guard import GuardWarning, guard, unguard
+from nsfw_guard import GuardError, GuardWarning, guard, unguard
 from nsfw_guard.pipeline_support import IMAGE_FIELDS, NSFW_FIELDS, pipeline_support
 
 from .tiny_pipelines import KINDS, make_pipeline
@@ -111,3 +112,26 @@ def test_tuple_outputs_are_checked_in_place(kind, output_type, level_checkpoints
     assert (_pixels(output[0]) == black).all() and len(g.last) == _count(output[0])
     if kind == "if":
         assert output[1] == [True] * _count(output[0]) and output[2] is None
+
+
+class _CustomPipeline(DiffusionPipeline):
+    """A user's own pipeline (no model needed here): it returns what ``output_type`` asks for."""
+
+    def __call__(self, output_type: str = "pil") -> ImagePipelineOutput:
+        pixels = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+        if output_type == "np":
+            return ImagePipelineOutput(images=pixels.numpy())
+        if output_type == "pil":
+            images = [Image.fromarray((image * 255).byte().numpy()) for image in pixels]
+            return ImagePipelineOutput(images=images)
+        return ImagePipelineOutput(images={"unknown": pixels})  # not a form nsfw-guard can read
+
+
+def test_a_custom_pipeline_is_checked_on_its_output_or_returns_nothing(level_checkpoints):
+    pipe = _CustomPipeline()
+    g = guard(pipe, model=level_checkpoints["high"], action="blank")
+    assert (pipe(output_type="np").images == 0).all() and len(g.last) == 2
+    assert all(not np.asarray(image).any() for image in pipe(output_type="pil").images)
+    with pytest.raises(GuardError, match="found no images it can check in what _CustomPipeline"):
+        pipe(output_type="dict")
+    assert g.last == []

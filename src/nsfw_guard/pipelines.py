@@ -616,7 +616,7 @@ def _shared_modules(pipe: DiffusionPipeline) -> Iterator[tuple[str, nn.Module]]:
     """The modules every image of ``pipe`` goes through: its decoders, else its denoisers."""
     try:
         components = pipe.components
-    except ValueError:  # a pipeline initialised in a way diffusers does not expect
+    except (AttributeError, ValueError):  # initialised in a way diffusers does not expect
         return
     modules = [
         (f"{name}.decoder", component.decoder)
