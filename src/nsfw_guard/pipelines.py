@@ -182,7 +182,7 @@ class Guard:
             if not isinstance(processor, VaeImageProcessor) or name in self.pipe.config:
                 continue
             checked = copy.copy(processor)
-            checked.__class__ = _guarded_subclass(_GuardedProcessor, type(processor))
+            checked.__class__ = _guarded_subclass(_GuardedProcessor, _base_class(type(processor)))
             checked.__dict__["_nsfw_guard"] = self
             self._processors_before[name] = processor
             self.pipe.__dict__[name] = checked
