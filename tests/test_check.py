@@ -105,3 +105,36 @@ def test_check_step_exports_without_host_sync(bright_step, dtype):
     with torch.inference_mode():
         for got, expected in zip(exported.module()(fresh), bright_step(fresh), strict=True):
             torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+class _ScanVerdicts(torch.nn.Module):
+    """What nsfw-guard scan runs on a batch: frames' scores → per-image verdicts."""
+
+    def __init__(self, step: CheckStep, count: int):
+        super().__init__()
+        self.step, self.count = step, count
+
+    def forward(self, pixels, verifiable, owners):
+        scores = self.step.scorer.classify(pixels, verifiable)
+        return tuple(self.step.verdicts(scores, verifiable, owners, self.count))
+
+
+def test_scan_verdicts_take_the_worst_frame_and_export_without_host_sync(bright_step):
+    images = _batch()  # dark, bright, bright with NaN, dark
+    pixels, verifiable = bright_step.scorer.preprocess(images, "-1,1")
+    owners = torch.tensor([0, 0, 1, 2])  # image 0: a dark and a bright frame
+    module = _ScanVerdicts(bright_step, count=3)
+    exported = torch.export.export(module, (pixels, verifiable, owners))
+    ops = {
+        node.target.__name__.split(".")[0]
+        for node in exported.graph.nodes
+        if node.op == "call_function" and hasattr(node.target, "__name__")
+    }
+    assert not ops & HOST_SYNC_OPS, ops & HOST_SYNC_OPS
+    with torch.inference_mode():
+        scores, levels, flags, ok = exported.module()(pixels, verifiable, owners)
+        frame_scores = bright_step.scorer.classify(pixels, verifiable)
+    assert flags.tolist() == [True, True, False] and ok.tolist() == [True, False, True]
+    torch.testing.assert_close(scores[0, 1:], frame_scores[:2, 1:].amax(dim=0))
+    torch.testing.assert_close(scores[0, 0], frame_scores[:2, 0].amin())
+    assert levels.tolist() == [3, 3, 0]

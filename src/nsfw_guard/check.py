@@ -1,7 +1,10 @@
 """The in-graph check step: decoded images → scores → flags → censored images, on one device.
 
-Every integration (the diffusers guard, the checker component) runs this one module, so "no host
-sync, no Python branch on tensor values" is proven once, by exporting it with ``torch.export``.
+Every integration runs this one module: the diffusers guard and its checker component call
+:meth:`CheckStep.run`; ``nsfw-guard scan`` and ``check``, which preprocess in worker processes,
+call its stages (:meth:`CheckStep.verdicts`, :meth:`CheckStep.censor`) on the same settings. So
+"no host sync, no Python branch on tensor values" is proven once, by exporting it with
+``torch.export``, and a verdict means the same everywhere.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from torch import Tensor, nn
 
 from . import censor
 from .inputs import parse_value_range
-from .levels import NSFWLevel, check_threshold, parse_check_level
+from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
 from .preprocess import to_unit_range, unit_affine
 from .scoring import NSFWScorer
 
-__all__ = ["FLAGGED_RANGES", "CheckOutput", "CheckStep", "from_unit_range"]
+__all__ = ["FLAGGED_RANGES", "CheckOutput", "CheckStep", "Verdicts", "from_unit_range"]
 
 FLAGGED_RANGES = ("unit", "input")
 """Where censored images come back: ``"unit"`` in [0, 1] (what diffusers' Stable Diffusion
@@ -35,6 +38,19 @@ class CheckOutput(NamedTuple):
     """``[B, 4]`` float32 level scores."""
     verifiable: Tensor
     """``[B]`` bool: false for images with NaN or Inf pixels (blanked, whatever the action)."""
+
+
+class Verdicts(NamedTuple):
+    """Per-image verdicts, all on the scores' device."""
+
+    scores: Tensor
+    """``[B, 4]`` float32 level scores (an animation's: its worst frame's, level by level)."""
+    levels: Tensor
+    """``[B]`` int64: the highest level index whose score reached the threshold (0: neutral)."""
+    flags: Tensor
+    """``[B]`` bool: the score at the check level reached the threshold, or it is unverifiable."""
+    verifiable: Tensor
+    """``[B]`` bool: false for images with NaN or Inf pixels (in any frame)."""
 
 
 class CheckStep(nn.Module):
@@ -91,18 +107,75 @@ class CheckStep(nn.Module):
         if flagged_range not in FLAGGED_RANGES:
             raise ValueError(f"flagged_range={flagged_range!r}: expected one of {FLAGGED_RANGES}.")
         pixels, verifiable = self.scorer.preprocess(images, value_range)
-        scores = self.scorer.classify(pixels, verifiable)
-        flags = (scores[:, self.level.index] >= self.threshold) | ~verifiable
-
+        verdicts = self.verdicts(self.scorer.classify(pixels, verifiable), verifiable)
         device = images.device
-        flags, verifiable = flags.to(device), verifiable.to(device)
+        flags, verifiable = verdicts.flags.to(device), verdicts.verifiable.to(device)
+        out = self.censor(images, flags, verifiable, value_range, flagged_range)
+        return CheckOutput(out, flags, verdicts.scores.to(device), verifiable)
+
+    def verdicts(
+        self, scores: Tensor, verifiable: Tensor, owners: Tensor | None = None, count: int = 0
+    ) -> Verdicts:
+        """Levels and flags from ``[N, 4]`` scores (see :meth:`NSFWScorer.classify`).
+
+        With ``owners`` (``[N]`` int64, the image each row belongs to) and ``count`` images, the
+        rows are frames: an image scores as its worst frame, level by level, and is verifiable
+        only if every frame is. In-graph: segment reductions, no host sync.
+
+        Example:
+            >>> import tempfile
+            >>> from nsfw_guard.model import load_model
+            >>> from nsfw_guard.testing import make_checkpoint
+            >>> loaded = load_model(make_checkpoint(tempfile.mkdtemp()), device="cpu")
+            >>> step = CheckStep(NSFWScorer(loaded.model, loaded.data_config), level="medium")
+            >>> frames = torch.tensor([[0.75, 0.25, 0.0, 0.0], [0.25, 0.75, 0.5, 0.125]])
+            >>> ok, owners = torch.tensor([True, True]), torch.tensor([0, 0])
+            >>> verdicts = step.verdicts(frames, ok, owners, count=1)
+            >>> verdicts.scores.tolist(), verdicts.levels.tolist(), verdicts.flags.tolist()
+            ([[0.25, 0.75, 0.5, 0.125]], [2], [True])
+        """
+        if owners is not None:
+            scores, verifiable = _worst_frames(scores, verifiable, owners, count)
+        levels = levels_from_scores(scores, self.threshold)
+        flags = (scores[:, self.level.index] >= self.threshold) | ~verifiable
+        return Verdicts(scores, levels, flags, verifiable)
+
+    def censor(
+        self,
+        images: Tensor,
+        flags: Tensor,
+        verifiable: Tensor,
+        value_range: str = "-1,1",
+        flagged_range: str = "unit",
+    ) -> Tensor:
+        """``images`` with the flagged ones censored (the unverifiable ones blanked), in-graph.
+
+        Flagged images come back in [0, 1] (``flagged_range="unit"``) or in the input's own range
+        (``"input"``); the others are the input's, bit for bit.
+        """
         unit = to_unit_range(images, value_range)
         censored = censor.apply(unit, verifiable, self.action, **self.censor_params)
         censored = censor.apply(censored, ~verifiable, "blank", color=self.fill_color)
         if flagged_range == "input":
             censored = from_unit_range(censored, images, value_range)
-        out = torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
-        return CheckOutput(out, flags, scores.to(device), verifiable)
+        return torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
+
+
+def _worst_frames(
+    scores: Tensor, verifiable: Tensor, owners: Tensor, count: int
+) -> tuple[Tensor, Tensor]:
+    """Per image: the highest score of its frames at each level >= low, the lowest neutral."""
+    index = owners[:, None].expand(-1, scores.shape[1])
+    worst = scores.new_zeros(count, scores.shape[1])
+    worst = worst.scatter_reduce(0, index, scores, reduce="amax", include_self=False)
+    least_neutral = scores.new_zeros(count).scatter_reduce(
+        0, owners, scores[:, 0], reduce="amin", include_self=False
+    )
+    worst = torch.cat([least_neutral[:, None], worst[:, 1:]], dim=1)
+    ok = verifiable.new_ones(count).scatter_reduce(
+        0, owners, verifiable, reduce="amin", include_self=False
+    )
+    return worst, ok
 
 
 def from_unit_range(unit: Tensor, like: Tensor, value_range: str) -> Tensor:
