@@ -1,0 +1,270 @@
+"""One decoder for ``nsfw-guard scan``, ``nsfw-guard check`` and the library: a file (or its
+bytes) → the frames to check, EXIF-oriented, in any PIL mode and size, with the exact bytes that
+were decoded.
+
+Censored or clean copies are made from :attr:`DecodedImage.data`, never by reading the file
+again, so a file replaced while it is being scanned can never be copied unchecked.
+
+- :func:`read_file` reads regular files only: FIFOs, sockets, devices and folders raise
+  :class:`NotARegularFile` before a byte is read, and a FIFO never blocks. Links to files are
+  followed; link loops and broken links raise the usual ``OSError``.
+- :func:`decode_image` treats an image over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``) as
+  an error, applies EXIF orientation to every frame, takes every frame or ``max_frames`` spread
+  evenly, and box-reduces very large frames (any mode) before they become tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import stat
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .inputs import ImageBatch, to_image_batches
+
+__all__ = ["DecodedImage", "NotARegularFile", "decode_file", "decode_image", "read_file"]
+
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO opens at once instead of waiting for a writer
+    | getattr(os, "O_NOCTTY", 0)  # a terminal never becomes this process's controlling one
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)  # Windows
+)
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+# Modes whose box reduce is right as it is: Pillow premultiplies LA and RGBA by their alpha.
+# "I" and "F" reduce too, but need their value scale fixed on the full frame (see _to_batches).
+_REDUCES = frozenset(["L", "LA", "La", "RGB", "RGBA", "RGBa"])
+_EXIF_ORIENTATION = 0x0112
+
+
+class NotARegularFile(OSError):
+    """A path that is a FIFO, a socket, a device or a folder: never opened for reading.
+
+    Example:
+        >>> read_file("tests/data")
+        Traceback (most recent call last):
+        nsfw_guard.decode.NotARegularFile: tests/data: a folder, not a regular file
+    """
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """The frames of one image to check, and what they were decoded from.
+
+    ``frames`` holds one ``[1, C, H, W]`` batch per checked frame: EXIF-oriented, and
+    box-reduced when far larger than the model's input (``target_size``). ``width`` and
+    ``height`` are the full size of the oriented first frame. ``frame_indices`` says which of
+    the file's ``frame_count`` frames were checked; ``data`` is the exact bytes decoded.
+
+    Example:
+        >>> image = decode_file("tests/data/chelsea.jpg")
+        >>> image.format, image.width, image.height, image.frame_indices, image.all_frames_checked
+        ('JPEG', 451, 300, (0,), True)
+        >>> image.frames[0].pixels.shape
+        torch.Size([1, 3, 300, 451])
+    """
+
+    frames: list[ImageBatch]
+    width: int
+    height: int
+    frame_count: int
+    frame_indices: tuple[int, ...]
+    data: bytes
+    format: str | None
+
+    @property
+    def all_frames_checked(self) -> bool:
+        """Whether every frame of the file is in ``frames`` (not only a sample of them).
+
+        Example:
+            >>> decode_file("tests/data/rocket.jpg", max_frames=1).all_frames_checked
+            True
+        """
+        return len(self.frame_indices) == self.frame_count
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The whole content of the regular file at ``path`` (links followed).
+
+    Raises :class:`NotARegularFile` for a FIFO, a socket, a device or a folder without reading
+    from it (and without blocking), even when one replaces the file between the check and the
+    open; ``OSError`` as usual for a missing file, a broken link or a link loop.
+
+    Example:
+        >>> data = read_file("tests/data/astronaut.jpg")
+        >>> data[:2], len(data) == os.path.getsize("tests/data/astronaut.jpg")
+        (b'\\xff\\xd8', True)
+    """
+    _check_regular(os.stat(path), path)  # special files are not even opened
+    descriptor = os.open(path, _OPEN_FLAGS)
+    try:
+        file = open(descriptor, "rb")  # noqa: SIM115 - closed by the with below
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with file:
+        _check_regular(os.fstat(descriptor), path)  # what was opened, if it was just replaced
+        if _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(descriptor, True)
+        return file.read()
+
+
+def _check_regular(status: os.stat_result, path: str | os.PathLike) -> None:
+    if stat.S_ISREG(status.st_mode):
+        return
+    kind = next((kind for test, kind in _KINDS if test(status.st_mode)), "a special file")
+    raise NotARegularFile(f"{os.fsdecode(path)}: {kind}, not a regular file")
+
+
+def decode_image(
+    data: bytes, *, max_frames: int | None = None, target_size: int | None = None
+) -> DecodedImage:
+    """Decode an image file's bytes into the frames to check.
+
+    Every frame is taken when ``max_frames`` is None; else at most ``max_frames`` frames spread
+    evenly over the file, the first and (from two on) the last always among them. A frame whose
+    shorter side is at least 4x ``target_size`` (the model's input side) is box-reduced by an
+    integer factor that keeps it at least 2x ``target_size``, before it becomes a tensor, so a
+    huge image is never held as floats; palette, bilevel and 16-bit frames are converted first
+    to a mode that reduces correctly. Frames are decoded one at a time.
+
+    Raises ``Image.DecompressionBombError`` for an image over Pillow's pixel limit,
+    ``UnidentifiedImageError`` for empty or unrecognised data, and whatever Pillow raises for a
+    truncated or corrupt file (usually ``OSError``).
+
+    Example:
+        >>> frames = [Image.new("L", (32, 24), 6 * i) for i in range(40)]
+        >>> buffer = io.BytesIO()
+        >>> frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+        >>> image = decode_image(buffer.getvalue(), max_frames=4)
+        >>> image.format, image.frame_count, image.frame_indices, (image.width, image.height)
+        ('GIF', 40, (0, 13, 26, 39), (32, 24))
+        >>> big = io.BytesIO()
+        >>> Image.new("1", (2000, 1800)).save(big, "PNG")
+        >>> decode_image(big.getvalue(), target_size=448).frames[0].pixels.shape
+        torch.Size([1, 1, 900, 1000])
+    """
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, not {max_frames}")
+    if target_size is not None and target_size < 1:
+        raise ValueError(f"target_size must be at least 1, not {target_size}")
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    if not data:
+        raise UnidentifiedImageError("cannot identify image file: it is empty (0 bytes)")
+    with warnings.catch_warnings():
+        # Pillow warns past its pixel limit and raises at twice it: both are errors here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return _decode(data, max_frames, target_size)
+        except Image.DecompressionBombWarning as warning:
+            raise Image.DecompressionBombError(str(warning)) from None
+
+
+def decode_file(
+    path: str | os.PathLike, *, max_frames: int | None = None, target_size: int | None = None
+) -> DecodedImage:
+    """:func:`read_file`, then :func:`decode_image` of its bytes.
+
+    Example:
+        >>> image = decode_file("tests/data/camera_gray.jpg", target_size=64)
+        >>> image.width, image.height, image.frames[0].pixels.shape
+        (512, 512, torch.Size([1, 1, 128, 128]))
+    """
+    return decode_image(read_file(path), max_frames=max_frames, target_size=target_size)
+
+
+def _decode(data: bytes, max_frames: int | None, target_size: int | None) -> DecodedImage:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(
+            f"cannot identify image file: not an image, or a format Pillow cannot read "
+            f"({len(data)} bytes starting {data[:8]!r})"
+        ) from None
+    with image:
+        count = getattr(image, "n_frames", 1)
+        indices = range(count)
+        if max_frames is not None and count > max_frames:
+            picks = np.linspace(0, count - 1, max_frames).round().astype(int)
+            indices = sorted(set(picks.tolist()))
+        frames: list[ImageBatch] = []
+        width = height = 0
+        for index in indices:
+            image.seek(index)
+            frame = _oriented(image)
+            if not frames:
+                width, height = frame.size
+            frames.extend(_to_batches(frame, target_size))
+            del frame  # one full-size frame at a time
+        return DecodedImage(
+            frames=frames,
+            width=width,
+            height=height,
+            frame_count=count,
+            frame_indices=tuple(int(i) for i in indices),
+            data=data,
+            format=image.format,
+        )
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    """The current frame with its EXIF orientation applied (the image itself when upright)."""
+    image.load()
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def _to_batches(frame: Image.Image, target_size: int | None) -> list[ImageBatch]:
+    """A frame as image batches, box-reduced first when far larger than ``target_size``.
+
+    ``Image.reduce`` rejects modes 1, P and I;16 ("image has wrong mode") and averages PA's
+    palette indices as if they were colours, so frames in those and the other modes that
+    :func:`~nsfw_guard.inputs.to_image_batches` converts anyway are converted first: 1 → L,
+    I;16 → I, and P, PA, CMYK, YCbCr, LAB, HSV, RGBX → RGBA when they carry transparency, else
+    RGB. The value scale of I (0-255 or 0-65535) and F frames is decided on the full frame,
+    as ``to_image_batches`` would decide it, since averaging can move the few values it rests on.
+    """
+    factor = min(frame.size) // (2 * target_size) if target_size else 0
+    if factor < 2:
+        return to_image_batches(frame)
+    mode = frame.mode
+    if mode == "I" or mode.startswith("I;16"):
+        frame = frame if mode == "I" else frame.convert("I")  # exact; I;16B has no extrema
+        sixteen_bit = frame.getextrema()[1] > 255  # how inputs.py reads the unreduced frame
+        reduced = frame.reduce(factor)
+        if not sixteen_bit:
+            return to_image_batches(reduced)
+        return to_image_batches(np.asarray(reduced).clip(0, 65535).astype(np.uint16))
+    if mode == "F":
+        return to_image_batches(frame.reduce(factor), _float_range(frame))
+    if mode == "1":
+        frame = frame.convert("L")
+    elif mode not in _REDUCES:
+        frame = frame.convert("RGBA" if frame.has_transparency_data else "RGB")
+    return to_image_batches(frame.reduce(factor))
+
+
+def _float_range(frame: Image.Image) -> str:
+    """The value range ``to_image_batches`` reads an unreduced mode-F frame in."""
+    low, high = frame.getextrema()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        array = np.asarray(frame, dtype=np.float32)
+        finite = array[np.isfinite(array)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if max(abs(low), abs(high)) > 1:
+        return "0,255"  # Pillow's scale, as inputs.py reads it
+    return "-1,1" if low < 0 else "0,1"
