@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,12 +15,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nsfw_guard.cli import EXIT_FILE_ERRORS, EXIT_FLAGGED, EXIT_OK, EXIT_USAGE, main
+from nsfw_guard.cli import (
+    EXIT_FILE_ERRORS,
+    EXIT_FLAGGED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    main,
+)
+from nsfw_guard.copies import MANIFEST_NAME
 from nsfw_guard.scan import RECORD_FIELDS, find_images, read_records
 
 from .conftest import PHOTO_PATHS
 
 BAD = ("empty.jpg", "truncated.jpg", "notes.jpg", "loop.jpg", "bomb.png")
+COUNT = 100  # images of the kill-and-resume test
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +124,14 @@ def test_exit_codes(folder, level_checkpoints, tmp_path, capsys):
     code, _ = _scan(capsys, clean, "--model", model, "--output", out, "--fail-on", "medium")
     assert code == EXIT_FLAGGED
     assert _scan(capsys, folder, "--model", model, "--output", out)[0] == EXIT_FILE_ERRORS
-    with pytest.raises(SystemExit) as exit_info:
-        _scan(capsys, tmp_path / "missing", "--model", model)
-    assert exit_info.value.code == EXIT_USAGE
-    assert "no such file or folder" in capsys.readouterr().err
+    # A missing path is a record with its error, like any file that cannot be read.
+    missing = tmp_path / "missing"
+    code, _ = _scan(capsys, missing, clean, "--model", model, "--output", out)
+    assert code == EXIT_FILE_ERRORS
+    assert [r["error"] for r in read_records(out)] == [
+        None,
+        "FileNotFoundError: no such file or folder",
+    ]
 
 
 def test_summary_on_stderr(folder, level_checkpoints, tmp_path, capsys):
@@ -142,7 +156,9 @@ def test_censor_to_writes_copies_and_never_touches_originals(
     assert _digest(folder) == before
     written = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     good = sorted(str(i.relative) for i in find_images([folder]) if i.relative.name not in BAD)
-    assert written == good  # same relative paths, nothing for bad files, no temp files left
+    # Same relative paths, nothing for bad files, no temporary files left; the manifest of the
+    # copies this tool wrote.
+    assert written == sorted([*good, MANIFEST_NAME])
     with Image.open(target / "a" / "nested.png") as image:
         assert image.format == "PNG" and image.size == (512, 512)
         assert json.loads(image.text["nsfw-guard"])["level"] == "high"
@@ -163,19 +179,22 @@ def test_censor_to_copies_clean_images_only_when_asked(level_checkpoints, tmp_pa
         target = tmp_path / f"out{len(extra)}"
         options = ["--output", tmp_path / "r.jsonl", "--censor-to", target, *extra]
         _scan(capsys, source, "--model", model, *options)
-        assert sorted(p.name for p in target.rglob("*") if p.is_file()) == expected
+        copies = sorted(p.name for p in target.rglob("*") if p.is_file())
+        assert copies == sorted([*expected, MANIFEST_NAME] if expected else [])
     assert (target / "one.jpg").read_bytes() == (source / "one.jpg").read_bytes()
     with pytest.raises(SystemExit):
-        _scan(capsys, source, "--model", model, "--censor-to", source)
-    assert "would overwrite" in capsys.readouterr().err
+        _scan(capsys, source, "--model", model, "--censor-to", source, "--output", tmp_path / "x")
+    assert "would replace" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_resume_after_a_killed_scan_gives_one_record_per_input(level_checkpoints, tmp_path, kill):
+    """SIGKILL loses at most the batch in flight; Ctrl-C and SIGTERM stop after it, say how many
+    images are done and the exact command that resumes, and exit 130."""
     source = tmp_path / "many"
     source.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(300):
+    for i in range(COUNT):
         Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
             source / f"{i:03d}.png"
         )
@@ -185,25 +204,29 @@ def test_resume_after_a_killed_scan_gives_one_record_per_input(level_checkpoints
     copies = tmp_path / "copies"
     command += ["--output", str(output), "--batch-size", "1", "--censor-to", str(copies)]
     command += ["--copy-clean"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
         if output.is_file() and output.read_text().count("\n") >= 5:
             break
         time.sleep(0.01)
     process.send_signal(kill)
-    process.wait()
+    _, err = process.communicate(timeout=60)
     partial = read_records(output)
-    assert 5 <= len(partial) < 300, "the scan was not interrupted mid-way"
+    assert 5 <= len(partial) < COUNT, "the scan was not interrupted mid-way"
+    if kill != signal.SIGKILL:
+        assert process.returncode == EXIT_INTERRUPTED and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"nsfw-guard: stopped after {len(partial)} of {COUNT} images")
+        assert last.endswith(shlex.join([*command[3:], "--resume"]))
     with output.open("a") as file:  # as if killed in the middle of writing a line
         file.write('{"path": "cut sho')
 
-    result = subprocess.run([*command, "--resume"], capture_output=True, text=True)
-    assert result.returncode == EXIT_OK, result.stderr
+    assert main([*command[3:], "--resume"]) == EXIT_OK  # resumed in this process: faster
     records = read_records(output)
     paths = [r["path"] for r in records]
     assert sorted(paths) == [str(i.path) for i in find_images([source])]
-    assert len(set(paths)) == 300
+    assert len(set(paths)) == COUNT
     assert [r["path"] for r in records[: len(partial)]] == [r["path"] for r in partial]
     # Every input has its copy: a record is written only after its copy.
     assert sorted(p.name for p in copies.glob("*.png")) == sorted(Path(p).name for p in paths)
@@ -271,7 +294,7 @@ def test_censor_to_never_replaces_a_scanned_file_nor_scans_its_own_copies(
         with pytest.raises(SystemExit) as exit_info:
             _scan(capsys, *args, "--model", model, "--output", tmp_path / "r.jsonl")
         assert exit_info.value.code == EXIT_USAGE
-        assert "would overwrite" in capsys.readouterr().err
+        assert "would replace" in capsys.readouterr().err
     assert _digest(source) == before
     # A copy folder inside the scanned one is never scanned itself, on this run or the next.
     target = source / "censored"

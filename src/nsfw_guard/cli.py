@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -21,8 +23,10 @@ if TYPE_CHECKING:
     from .detector import NSFWDetector
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_FILE_ERRORS = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 _LEVELS = ("low", "medium", "high")
+_SCORES = ("neutral", "low", "medium", "high")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -42,7 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    return args.run(args, args.command_parser)
+    try:
+        with _warnings_as_lines():
+            return args.run(args, args.command_parser)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one while the model loads
+        print("nsfw-guard: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,10 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         "scan",
         help="scan files and folders, write one record per image",
         description="Scan images (recursively by default) and write one record per input: "
-        "path, level, the four scores, flagged, width, height, error. Bad files get an error "
-        "record and never stop the scan. Exit code: 0 done, 1 an image at or above --fail-on, "
-        "2 usage error, 3 done with file errors. Several processes: "
-        "accelerate launch --multi_gpu --num_processes N -m nsfw_guard scan ..., or torchrun.",
+        "path, level, the four scores, flagged, width, height, frames, error. Bad files, "
+        "missing paths and unreadable folders get an error record and never stop the scan. "
+        "Ctrl-C or SIGTERM stops after the batch in flight; --resume continues. Exit code: 0 "
+        "done, 1 an image at or above --fail-on, 2 usage error, 3 done with file errors, 130 "
+        "stopped. Several processes: accelerate launch --multi_gpu --num_processes N -m "
+        "nsfw_guard scan ..., or torchrun.",
         epilog="Examples:\n"
         "  nsfw-guard scan photos/ --output results.jsonl\n"
         "  nsfw-guard scan a.png b/ --output results.csv --level high --threshold 0.7\n"
@@ -115,7 +126,6 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--fail-on", choices=_LEVELS, metavar="LEVEL", help="exit 1 if any image reaches LEVEL"
     )
-    scan.add_argument("--max-frames", type=int, default=16, help="frames checked per animation")
     scan.add_argument("--quiet", action="store_true", help="no progress bar and summary")
     scan.set_defaults(run=_run_scan, command_parser=scan)
 
@@ -123,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="print each image's level and scores",
         description="Print one line per image: its level, its four scores and whether it is "
-        "flagged at --level. Exit code 1 if any image is flagged, 3 if a file could not be read.",
+        "flagged at --level, the same verdict scan gives (an animation: its worst checked "
+        "frame). A missing, unreadable or non-image path gets an error line. Exit code 1 if "
+        "any image is flagged, 3 if a path could not be checked, 130 if stopped.",
         epilog="Examples:\n  nsfw-guard check photo.jpg\n"
         "  nsfw-guard check --level high --threshold 0.7 *.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -158,6 +170,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (default: auto)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument(
+        "--max-frames",
+        type=int,
+        default=16,
+        help="frames checked per animation, spread evenly, first and last included; 0: every "
+        "frame (default: 16). An animation is as bad as its worst checked frame.",
+    )
 
 
 def _load_detector(
@@ -186,79 +205,175 @@ def _load_detector(
 
 
 def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import warnings
+    from .scan import find_images, scan
 
-    from PIL import Image, ImageOps
-
-    missing = [str(path) for path in args.images if not path.is_file()]
-    if missing:
-        parser.error(f"no such file: {', '.join(missing)}")
+    _check_frames(args, parser)
+    inputs = find_images(args.images, recursive=False, folders=False)
+    order = {str(path): i for i, path in enumerate(args.images)}
+    inputs.sort(key=lambda item: order[str(item.path)])  # as given, not sorted
     detector = _load_detector(args, parser)
-    flagged = errors = 0
-    for path in args.images:
-        try:
-            with warnings.catch_warnings():  # past Pillow's pixel limit is an error, as in scan
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as image:  # the first frame, shown the right way up
-                    upright = ImageOps.exif_transpose(image)
-                    prediction = detector.predict(upright, threshold=args.threshold)[0]
-        except Exception as error:  # one bad file never stops the others
-            errors += 1
-            print(f"{path}\terror: {type(error).__name__}: {error}")
-            continue
-        flagged += prediction.is_nsfw
-        scores = " ".join(
-            f"{level.value}={score:.4f}" for level, score in prediction.scores.items()
+
+    def show(records: list[dict[str, Any]]) -> None:
+        for record in records:
+            if record["error"]:
+                print(f"{record['path']}\terror: {record['error']}", flush=True)
+                continue
+            scores = " ".join(f"{name}={record[name]:.4f}" for name in _SCORES)
+            verdict = "FLAGGED" if record["flagged"] else "ok"
+            print(f"{record['path']}\t{record['level']}\t{scores}\t{verdict}", flush=True)
+
+    with _stop_on_signals() as stop:
+        summary = scan(
+            inputs,
+            detector.scorer,
+            None,
+            level=args.level,
+            threshold=args.threshold,
+            batch_size=args.batch_size,
+            max_frames=args.max_frames,
+            quiet=True,
+            should_stop=stop.is_set,
+            on_records=show,
         )
-        verdict = "FLAGGED" if prediction.is_nsfw else "ok"
-        print(f"{path}\t{prediction.level.value}\t{scores}\t{verdict}")
-    if errors:
+    if summary.interrupted:
+        print(
+            f"nsfw-guard: stopped after {summary.scanned} of {summary.total} images",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if summary.errors:
         return EXIT_FILE_ERRORS
-    return EXIT_FLAGGED if flagged else EXIT_OK
+    return EXIT_FLAGGED if summary.flagged else EXIT_OK
 
 
 def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .scan import check_copy_folder, find_images, scan
+    from .copies import CopyConflict, CopyFolder
+    from .records import RecordFileBusy
+    from .scan import IMAGE_EXTENSIONS, find_images, scan
 
-    if args.workers < 0 or args.max_frames < 1:
-        parser.error("--workers must be >= 0 and --max-frames >= 1")
-    if args.output.is_dir():
-        parser.error(f"--output {args.output} is a folder; give a file name such as results.jsonl")
-    if not args.output.parent.is_dir():
-        parser.error(f"--output {args.output}: the folder {args.output.parent} does not exist")
+    _check_frames(args, parser)
+    if args.workers < 0:
+        parser.error(f"--workers {args.workers}: expected 0 or more")
+    output = args.output
+    if output.is_dir():
+        parser.error(f"--output {output} is a folder; give a file name such as results.jsonl")
+    if not output.parent.is_dir():
+        parser.error(f"--output {output}: the folder {output.parent} does not exist")
+    if output.suffix.lower() in IMAGE_EXTENSIONS:
+        parser.error(f"--output {output} is an image name; records go to a .jsonl or .csv file")
     try:
-        inputs = find_images(args.paths, recursive=args.recursive, exclude=args.censor_to)
-        if args.censor_to is not None:
-            check_copy_folder(inputs, args.censor_to)
-    except (FileNotFoundError, ValueError) as error:
+        copies = CopyFolder(args.censor_to) if args.censor_to is not None else None
+        inputs = find_images(args.paths, recursive=args.recursive, copies=copies)
+        written = os.path.realpath(output)
+        if any(item.realpath == written for item in inputs):
+            parser.error(f"--output {output} is one of the inputs; records go to another file")
+        if copies is not None:
+            if _inside(written, copies.folder):
+                parser.error(f"--output {output} is inside the --censor-to folder {copies.folder}")
+            copies.check(inputs)
+    except CopyConflict as error:
         parser.error(str(error))
 
     state = _process_state(args.device)
     detector = _load_detector(args, parser, device=state.device if args.device == "auto" else None)
-    summary = scan(
-        inputs,
-        detector.scorer,
-        args.output,
-        level=args.level,
-        threshold=args.threshold,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        resume=args.resume,
-        censor_to=args.censor_to,
-        action=args.action,
-        copy_clean=args.copy_clean,
-        max_frames=args.max_frames,
-        quiet=args.quiet,
-        state=state,
-    )
+    try:
+        with _stop_on_signals() as stop:
+            summary = scan(
+                inputs,
+                detector.scorer,
+                output,
+                level=args.level,
+                threshold=args.threshold,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                resume=args.resume,
+                censor_to=copies,
+                action=args.action,
+                copy_clean=args.copy_clean,
+                max_frames=args.max_frames,
+                quiet=args.quiet,
+                state=state,
+                should_stop=stop.is_set,
+            )
+    except RecordFileBusy as error:
+        print(f"nsfw-guard: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     if not state.is_main_process:
         return EXIT_OK
+    if summary.interrupted:
+        done = summary.skipped + summary.scanned
+        print(
+            f"nsfw-guard: stopped after {done} of {summary.total} images, records in {output}; "
+            f"continue with: {_resume_command()}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     if not args.quiet:
-        for line in [*summary.lines(), f"records: {args.output}"]:
+        for line in [*summary.lines(), f"records: {output}"]:
             print(line, file=sys.stderr)
     if args.fail_on and summary.worst >= args.fail_on:
         return EXIT_FLAGGED
     return EXIT_FILE_ERRORS if summary.errors else EXIT_OK
+
+
+def _check_frames(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.max_frames < 0:
+        parser.error(f"--max-frames {args.max_frames}: expected 0 (every frame) or more")
+
+
+def _inside(path: str, folder: Path) -> bool:
+    folder_path = os.path.realpath(folder)
+    return os.path.commonpath([path, folder_path]) == folder_path
+
+
+def _resume_command() -> str:
+    """The command line that was run, with ``--resume``."""
+    import shlex
+
+    argv = sys.argv[1:]
+    return shlex.join(["nsfw-guard", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Warnings (skipped record lines, ...) as one line each on stderr, each time."""
+    import warnings
+
+    def show(message: Any, category: type, filename: str, lineno: int, *rest: Any) -> None:
+        print(f"nsfw-guard: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        yield
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """While inside, Ctrl-C (SIGINT) and SIGTERM ask the scan to stop after the batch in flight;
+    a second Ctrl-C stops at once."""
+    import signal
+
+    stop = threading.Event()
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            "nsfw-guard: stopping after the batch in flight (Ctrl-C again to stop now)",
+            file=sys.stderr,
+        )
+
+    if threading.current_thread() is not threading.main_thread():  # signals are the main's
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _process_state(device: str) -> Any:

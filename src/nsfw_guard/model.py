@@ -180,8 +180,10 @@ def _check_device(device: torch.device | str | None) -> torch.device:
     try:  # a device this torch build or machine lacks (mps, a missing GPU index, ...)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
+        # torch's own message can run to thousands of characters: its first sentence says why.
+        why = str(error).strip().splitlines()[0].split(". ")[0][:160] if str(error).strip() else ""
         raise ValueError(
-            f"device={str(device)!r} cannot be used here ({error}); pass 'cpu', 'cuda', "
+            f"device={str(device)!r} cannot be used here ({why}); pass 'cpu', 'cuda', "
             "'cuda:N' for a GPU that exists, or None for the default."
         ) from None
     return device

@@ -1,43 +1,45 @@
-"""Scanning folders of images at scale: find, decode in worker processes, score, record, censor.
+"""Scanning files and folders at scale: find, decode in worker processes, check, record, copy.
 
-Decoding (EXIF orientation, any PIL mode, animated frames) and the in-graph preprocessing run in
-DataLoader workers, so they overlap the model on the main process. Records are written and
-flushed as each batch finishes; ``resume`` skips inputs that already have one. Under
-``accelerate launch`` or ``torchrun`` the inputs are split across processes and the main process
-merges their records in input order.
+The data flow is the library's: :mod:`nsfw_guard.decode` reads each file once (regular files
+only) and decodes its frames; DataLoader workers preprocess them while the model runs; the
+guard's own :class:`~nsfw_guard.check.CheckStep` turns the frames' scores into each image's
+verdict (its worst frame) and censors the copies. Records go to a locked
+:class:`~nsfw_guard.records.RecordFile`, flushed batch by batch; ``resume`` keeps every record
+already there and scans only inputs without one (matched by real path, size and mtime).
+``nsfw-guard check`` runs the same code and prints lines instead of writing records. Under
+``accelerate launch`` or ``torchrun`` the inputs are split across processes, each writes its own
+part file, and the main process merges them in input order.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-import shutil
+import re
+import stat
 import time
-import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
-from PIL.PngImagePlugin import PngInfo
 from torch.utils.data import DataLoader, Dataset
 
 from . import censor
-from .inputs import to_image_batches
+from .check import CheckStep
+from .copies import CopyFolder
+from .decode import decode_image, read_file
 from .levels import NSFWLevel
-from .preprocess import WHITE, DataConfig, Preprocess, composite_alpha, to_unit_range
+from .preprocess import DataConfig, Preprocess
+from .records import RECORD_FIELDS, RecordFile, part_path, read_records, record_key
+from .scoring import NSFWScorer
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "RECORD_FIELDS",
     "ScanInput",
     "ScanSummary",
-    "check_copy_folder",
     "find_images",
     "read_records",
     "scan",
@@ -66,52 +68,42 @@ IMAGE_EXTENSIONS = frozenset(
         ".avif",
     ]
 )
-RECORD_FIELDS = (
-    "path",
-    "level",
-    "neutral",
-    "low",
-    "medium",
-    "high",
-    "flagged",
-    "width",
-    "height",
-    "frames",
-    "error",
-    "bytes",
-    "mtime",
-)
-"""One record per input. ``bytes`` and ``mtime`` identify the file version for ``--resume``."""
-
-_TARGET_FRAMES = 16
+MAX_FRAMES = 16
+"""Frames checked per animation by default: longer ones are sampled evenly, first and last
+included; ``0`` checks every frame. A clean animation with unchecked frames is never copied as
+clean."""
 
 
 @dataclass(frozen=True)
 class ScanInput:
-    """One file to scan: where it is, where its censored copy goes, and its version."""
+    """One input: where it is, where its copy goes, its version, or why it cannot be scanned."""
 
     path: Path
     relative: Path
+    realpath: str
     bytes: int
     mtime: float
+    error: str | None = None
 
     @property
     def key(self) -> tuple[str, int, float]:
-        return (str(self.path), self.bytes, self.mtime)
+        return (self.realpath, self.bytes, self.mtime)
 
 
 @dataclass
 class ScanSummary:
-    """What a scan found: counts per level, flagged, errors, and its throughput."""
+    """What a scan found, over its inputs: counts per level, flagged, errors, throughput."""
 
     levels: Counter = field(default_factory=Counter)
     flagged: int = 0
     errors: int = 0
     skipped: int = 0
     scanned: int = 0
+    total: int = 0
     seconds: float = 0.0
     processes: int = 1
     worst: NSFWLevel = NSFWLevel.NEUTRAL
+    interrupted: bool = False
 
     def add(self, record: dict[str, Any]) -> None:
         if record["error"]:
@@ -137,102 +129,101 @@ class ScanSummary:
 def find_images(
     paths: Sequence[str | os.PathLike],
     recursive: bool = True,
-    exclude: str | os.PathLike | None = None,
+    copies: CopyFolder | None = None,
+    folders: bool = True,
 ) -> list[ScanInput]:
     """The image files under ``paths`` (by extension; a file given directly is always taken),
-    sorted. Directory symlinks are not followed, so link loops cannot trap the walk; the folder
-    ``exclude`` (where censored copies go) is not walked into.
+    sorted, each with its version. Folder links are not followed, so link loops cannot trap
+    the walk; the copies this tool wrote in ``copies`` are left out.
 
-    Each input's ``relative`` path, which its censored copy keeps, is relative to its folder
-    when one folder is given, else to the folder that holds all the paths, so two inputs never
-    share one.
+    What cannot be scanned is an input too, with its ``error``: a path that does not exist, a
+    folder that cannot be read (or any folder given when ``folders`` is false), a FIFO, socket
+    or device (never opened). Each input's ``relative`` path, which its copy keeps, is relative
+    to its folder when one folder is given, else to the folder that holds all the paths.
 
     Example:
         >>> [i.relative.name for i in find_images(["tests/data"])][:2]
         ['astronaut.jpg', 'camera_gray.jpg']
     """
     roots = [Path(p) for p in paths]
-    for root in roots:
-        if not (root.exists() or root.is_symlink()):
-            raise FileNotFoundError(f"no such file or folder: {root}")
     if len(roots) == 1:
         base = os.path.abspath(roots[0] if roots[0].is_dir() else roots[0].parent)
     else:
         base = os.path.commonpath([os.path.abspath(r.parent) for r in roots])
-    skip = Path(exclude).resolve() if exclude is not None else None
-
-    def relative(path: Path) -> Path:
-        return Path(os.path.relpath(os.path.abspath(path), base))
 
     found: dict[str, ScanInput] = {}
+
+    def add(path: Path, error: str | None = None) -> None:
+        if copies is not None and copies.owns(path):
+            return  # this tool's own copy: never scanned
+        relative = Path(os.path.relpath(os.path.abspath(path), base))
+        found.setdefault(str(path), _scan_input(path, relative, error))
+
     for root in roots:
-        if not root.is_dir():
-            found.setdefault(str(root), _scan_input(root, relative(root)))
-            continue
-        walk = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
-        for folder, folders, names in walk:
-            if skip is not None:  # never scan the copies this tool writes
-                folders[:] = [d for d in folders if (Path(folder) / d).resolve() != skip]
+        if not (root.exists() or root.is_symlink()):
+            add(root, "FileNotFoundError: no such file or folder")
+        elif not root.is_dir():
+            add(root)
+        elif not folders:
+            add(root, "IsADirectoryError: a folder, not an image (scan it with nsfw-guard scan)")
+        elif recursive:
+
+            def unreadable(error: OSError) -> None:
+                add(Path(error.filename), f"{type(error).__name__}: {error.strerror}")
+
+            for folder, _, names in os.walk(root, onerror=unreadable):
+                for name in names:
+                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                        add(Path(folder) / name)
+        else:
+            try:
+                names = os.listdir(root)
+            except OSError as error:
+                add(root, f"{type(error).__name__}: {error.strerror}")
+                continue
             for name in names:
-                path = Path(folder) / name
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.setdefault(str(path), _scan_input(path, relative(path)))
+                path = root / name
+                if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir():
+                    add(path)
     return [found[key] for key in sorted(found)]
 
 
-def check_copy_folder(inputs: Sequence[ScanInput], folder: str | os.PathLike) -> None:
-    """Raise ValueError if copies written to ``folder`` would replace an input or each other.
-
-    Example:
-        >>> check_copy_folder(find_images(["tests/data"]), "copies")  # fine: says nothing
-        >>> check_copy_folder(find_images(["tests/data"]), "tests/data")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ValueError: --censor-to tests/data would overwrite tests/data/astronaut.jpg: ...
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--censor-to {folder}: a file, not a folder")
-    originals = {os.path.realpath(item.path): item.path for item in inputs}
-    targets: dict[str, Path] = {}
-    for item in inputs:
-        target = os.path.realpath(folder / item.relative)
-        if target in originals:
-            raise ValueError(
-                f"--censor-to {folder} would overwrite {originals[target]}: originals are never "
-                "touched; choose a folder outside the scanned ones"
-            )
-        if targets.setdefault(target, item.path) != item.path:
-            raise ValueError(
-                f"--censor-to {folder}: {targets[target]} and {item.path} would both be "
-                f"copied to {folder / item.relative}"
-            )
-
-
-def _scan_input(path: Path, relative: Path) -> ScanInput:
+def _scan_input(path: Path, relative: Path, error: str | None) -> ScanInput:
+    realpath = os.path.realpath(path)
     try:
-        stat = path.stat()
-        return ScanInput(path, relative, stat.st_size, stat.st_mtime)
-    except OSError:  # a broken link or a loop: decoding will say what is wrong
-        return ScanInput(path, relative, -1, -1.0)
+        info = os.stat(path)
+    except OSError:  # a broken link or a loop: reading it will say what is wrong
+        return ScanInput(path, relative, realpath, -1, -1.0, error)
+    if error is None and not stat.S_ISREG(info.st_mode):
+        error = f"NotARegularFile: {_kind(info.st_mode)}, not a regular file: skipped"
+    return ScanInput(path, relative, realpath, info.st_size, info.st_mtime, error)
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")]
+    kinds += [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 # Decoding (in DataLoader workers) ----------------------------------------------------------------
 
 
 class _DecodedImages(Dataset):
-    """Decodes and preprocesses one input per item; errors become part of the item."""
+    """Reads, decodes and preprocesses one input per item; errors become part of the item."""
 
     def __init__(
         self,
         inputs: Sequence[ScanInput],
         data_config: DataConfig,
         background: tuple[float, float, float],
-        max_frames: int,
+        max_frames: int | None,
+        keep_data: bool,
     ):
         self.inputs = inputs
         self.data_config = data_config
         self.background = background
         self.max_frames = max_frames
+        self.keep_data = keep_data
         self._preprocess: Preprocess | None = None
 
     def __len__(self) -> int:
@@ -241,218 +232,87 @@ class _DecodedImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self._preprocess is None:
             self._preprocess = Preprocess(self.data_config, self.background)
-        item: dict[str, Any] = {"index": index, "pixels": None, "error": None}
+        source = self.inputs[index]
+        item: dict[str, Any] = {"index": index, "error": source.error}
+        if source.error is not None:
+            return item
         try:
-            target = min(self.data_config.input_size)
-            frames, (width, height) = _decode(self.inputs[index].path, self.max_frames, target)
-            prepared = [self._preprocess(frame.pixels, frame.value_range) for frame in frames]
+            data = read_file(source.path)
+            decoded = decode_image(
+                data, max_frames=self.max_frames, target_size=min(self.data_config.input_size)
+            )
+            prepared = [self._preprocess(f.pixels, f.value_range) for f in decoded.frames]
             item.update(
                 pixels=torch.cat([pixels for pixels, _ in prepared]),
                 verifiable=torch.cat([verifiable for _, verifiable in prepared]),
-                width=width,
-                height=height,
-                frames=len(frames),
+                width=decoded.width,
+                height=decoded.height,
+                frames=decoded.frame_count,
+                complete=decoded.all_frames_checked,
+                # The exact bytes checked, for the copies (a tensor travels in shared memory).
+                data=torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if self.keep_data and data
+                else None,
             )
         except Exception as error:  # a bad file never stops a scan
             item["error"] = f"{type(error).__name__}: {error}".strip()
         return item
 
 
-def _decode(path: Path, max_frames: int, target: int):
-    """The frames of an image file as image batches (oriented, any mode) and its size."""
-    with warnings.catch_warnings():
-        # Pillow warns past its pixel limit and raises at twice it: both are errors here.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            count = getattr(image, "n_frames", 1)
-            picks = np.linspace(0, count - 1, min(count, max_frames)).round().astype(int)
-            frames = []
-            for position in sorted(set(picks.tolist())):
-                image.seek(position)
-                frame = ImageOps.exif_transpose(image)
-                size = frame.size
-                factor = min(size) // (2 * target)
-                if factor >= 2:  # very large: a box reduce keeps >= 2x the model's input size
-                    frame = frame.reduce(factor)
-                frames.extend(to_image_batches(frame))
-    return frames, size
-
-
 def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-# Records -----------------------------------------------------------------------------------------
+def _quiet_worker(_: int) -> None:
+    """Workers decode in the background: one thread each, at a lower priority, so that the
+    model's threads are not preempted; Ctrl-C is the main process's to handle (it stops after
+    the batch in flight), so workers ignore it."""
+    import signal
 
-
-class _RecordWriter:
-    """Appends records to a JSONL or CSV file, flushing after every batch."""
-
-    def __init__(self, path: Path, append: bool):
-        self.path = path
-        self.csv = path.suffix.lower() == ".csv"
-        exists = append and path.is_file() and path.stat().st_size > 0
-        self.file = path.open("a" if append else "w", newline="" if self.csv else None)
-        if self.csv:
-            self.writer = csv.DictWriter(self.file, fieldnames=RECORD_FIELDS)
-            if not exists:
-                self.writer.writeheader()
-
-    def write(self, records: Iterable[dict[str, Any]]) -> None:
-        for record in records:
-            if self.csv:
-                self.writer.writerow(record)
-            else:
-                self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records in a JSONL or CSV output; a line cut short by a kill is skipped.
-
-    Example:
-        >>> read_records("no-such-output.jsonl")
-        []
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    with path.open(newline="") as file:
-        if path.suffix.lower() == ".csv":
-            for row in csv.DictReader(file):
-                if None in row or any(row.get(k) is None for k in RECORD_FIELDS):
-                    continue  # a row cut short
-                records.append(_typed(row))
-        else:
-            for line in file:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and set(RECORD_FIELDS) <= set(record):
-                    records.append(record)
-    return records
-
-
-def _typed(row: dict[str, str]) -> dict[str, Any]:
-    """A CSV row with the types a JSONL record has."""
-
-    def number(value: str, kind: type) -> Any:
-        return kind(value) if value not in ("", "None") else None
-
-    return {
-        "path": row["path"],
-        "level": row["level"] or None,
-        **{k: number(row[k], float) for k in ("neutral", "low", "medium", "high")},
-        "flagged": row["flagged"] == "True",
-        **{k: number(row[k], int) for k in ("width", "height", "frames", "bytes")},
-        "error": row["error"] or None,
-        "mtime": float(row["mtime"]),
-    }
-
-
-def _record(item: ScanInput, **values: Any) -> dict[str, Any]:
-    record = dict.fromkeys(RECORD_FIELDS)
-    record.update(path=str(item.path), flagged=False, bytes=item.bytes, mtime=item.mtime)
-    record.update(values)
-    return record
-
-
-def _record_key(record: dict[str, Any]) -> tuple[str, int, float]:
-    return (record["path"], int(record["bytes"]), float(record["mtime"]))
-
-
-# Censored copies ---------------------------------------------------------------------------------
-
-
-def _write_copy(item: ScanInput, record: dict[str, Any], folder: Path, action: censor.Action):
-    """Write a censored (flagged) or plain (clean) copy under ``folder``, atomically."""
-    destination = folder / item.relative
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.nsfw-guard.tmp")
-    try:
-        if not record["flagged"]:
-            shutil.copy2(item.path, temporary)
-        else:
-            _save_censored(item.path, temporary, action, json.dumps(record))
-        os.replace(temporary, destination)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _save_censored(source: Path, target: Path, action: censor.Action, verdict: str) -> None:
-    with Image.open(source) as image:
-        fmt = image.format if image.format in Image.SAVE else "PNG"
-        frames = []
-        for index in range(getattr(image, "n_frames", 1)):
-            image.seek(index)
-            frame = ImageOps.exif_transpose(image)
-            # What the detector saw: alpha composited over white, then censored.
-            batch = to_image_batches(frame)[0]
-            unit = composite_alpha(to_unit_range(batch.pixels, batch.value_range), WHITE)
-            unit = unit.expand(-1, 3, -1, -1)  # gray → RGB (a no-op for RGB)
-            censored = censor.apply(unit, torch.ones(1, dtype=torch.bool), action)
-            array = (censored[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-            frames.append(Image.fromarray(array.numpy()))
-        options: dict[str, Any] = {"format": "JPEG" if fmt == "MPO" else fmt}
-        if fmt == "PNG":
-            options["pnginfo"] = PngInfo()
-            options["pnginfo"].add_text("nsfw-guard", verdict)
-        elif fmt == "GIF":
-            options["comment"] = verdict.encode()
-        else:
-            exif = Image.Exif()
-            exif[0x010E] = verdict  # ImageDescription
-            options["exif"] = exif
-        if fmt in ("JPEG", "MPO", "WEBP"):
-            options["quality"] = 95
-        if len(frames) > 1 and fmt in ("GIF", "PNG", "WEBP", "TIFF"):
-            options.update(save_all=True, append_images=frames[1:], loop=0)
-            options["duration"] = image.info.get("duration", 100)
-        frames[0].save(target, **options)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    os.nice(10)
 
 
 # The scan ----------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Settings:
-    level: NSFWLevel
-    threshold: float
     batch_size: int
     workers: int
-    max_frames: int
-    censor_to: Path | None
-    action: censor.Action
+    max_frames: int | None
+    copies: CopyFolder | None
     copy_clean: bool
 
 
 def scan(
     inputs: Sequence[ScanInput],
-    scorer: Any,
-    output: Path,
+    scorer: NSFWScorer,
+    output: str | os.PathLike | None,
     *,
     level: NSFWLevel | str = "medium",
     threshold: float = 0.5,
     batch_size: int = 16,
     workers: int = 0,
     resume: bool = False,
-    censor_to: str | os.PathLike | None = None,
+    censor_to: str | os.PathLike | CopyFolder | None = None,
     action: censor.Action = "blur",
     copy_clean: bool = False,
-    max_frames: int = _TARGET_FRAMES,
+    max_frames: int = MAX_FRAMES,
     quiet: bool = False,
     state: Any = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_records: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> ScanSummary:
     """Scan ``inputs`` with ``scorer`` (an :class:`~nsfw_guard.scoring.NSFWScorer` on its device)
-    and write one record per input to ``output`` (JSONL, or CSV by extension).
+    and write one record per input to ``output`` (JSONL, or CSV by extension; ``None``: no file).
 
-    ``state`` is accelerate's ``PartialState`` when several processes share the work; the main
-    process then merges their records. Returns the summary of all records in ``output``.
+    ``max_frames`` frames of an animation are checked (``0``: all). ``should_stop`` is asked
+    after each batch: when it says so, the scan stops there, with every record of the batches
+    done written. ``on_records`` gets each batch's records as they are made. ``state`` is
+    accelerate's ``PartialState`` when several processes share the work; the main process then
+    merges their records. Returns the summary over ``inputs``.
 
     Example:
         >>> import tempfile
@@ -465,112 +325,233 @@ def scan(
         >>> summary.flagged == summary.scanned == len(read_records(output)) == 7
         True
     """
-    settings = _Settings(
-        level=NSFWLevel.parse(level),
-        threshold=threshold,
-        batch_size=batch_size,
-        workers=workers,
-        max_frames=max_frames,
-        censor_to=Path(censor_to) if censor_to is not None else None,
-        action=action,
-        copy_clean=copy_clean,
-    )
-    if settings.censor_to is not None:
-        check_copy_folder(inputs, settings.censor_to)
-    output = Path(output)
-    existing = read_records(output) if resume else []
-    wanted = {item.key for item in inputs}
-    kept = [r for r in existing if _record_key(r) in wanted]
-    done = {_record_key(r) for r in kept}
-    todo = [item for item in inputs if item.key not in done]
-
+    step = CheckStep(scorer, level=level, threshold=threshold, action=action)
+    copies = censor_to if isinstance(censor_to, CopyFolder | None) else CopyFolder(censor_to)
+    if copies is not None:
+        copies.check(inputs)
+    settings = _Settings(batch_size, workers, max_frames or None, copies, copy_clean)
     processes = state.num_processes if state is not None else 1
     started = time.perf_counter()
-    if processes == 1:
-        if resume:  # drop stale records and any line cut short by a kill
-            _rewrite(output, kept)
-        writer = _RecordWriter(output, append=resume)
-        try:
-            _scan_part(todo, scorer, writer, settings, show_progress=not quiet)
-        finally:
-            writer.close()
-    else:
-        part = _part_path(output, state.process_index)
-        with state.split_between_processes(todo) as mine:
-            writer = _RecordWriter(part, append=False)
-            try:
-                progress = not quiet and state.is_main_process
-                _scan_part(mine, scorer, writer, settings, show_progress=progress)
-            finally:
-                writer.close()
-        state.wait_for_everyone()
-        if state.is_main_process:
-            parts = [_part_path(output, rank) for rank in range(processes)]
-            merged = kept + [r for p in parts for r in read_records(p)]
-            order = {item.key: i for i, item in enumerate(inputs)}
-            _rewrite(output, sorted(merged, key=lambda r: order[_record_key(r)]))
-            for p in parts:
-                p.unlink(missing_ok=True)
-        state.wait_for_everyone()
 
-    summary = ScanSummary(skipped=len(kept), scanned=len(todo), processes=processes)
+    if output is None:  # nsfw-guard check: records only go to on_records
+        summary = ScanSummary(total=len(inputs))
+        records = _scan_part(inputs, step, None, settings, not quiet, should_stop, on_records)
+        for record in records:
+            summary.add(record)
+        summary.scanned = len(records)
+        summary.interrupted = len(records) < len(inputs)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    output = Path(output)
+    existing = _existing_records(output) if resume else []
+    kept, todo = _plan(existing, inputs, step, settings)
+    if processes == 1:
+        with RecordFile(output, keep=kept) as records_file:
+            for path in _part_files(output):  # a killed multi-process scan's: merged in ``kept``
+                path.unlink()
+            made = _scan_part(
+                todo, step, records_file, settings, not quiet, should_stop, on_records
+            )
+    else:
+        made = _scan_processes(output, kept, todo, step, settings, state, quiet, should_stop)
+
+    summary = ScanSummary(skipped=len(inputs) - len(todo), scanned=len(made), processes=processes)
+    summary.total, summary.interrupted = len(inputs), len(made) < len(todo)
     summary.seconds = time.perf_counter() - started
-    for record in read_records(output):
-        summary.add(record)
+    wanted = {item.key for item in inputs}
+    for record in read_records(output, warn=False):
+        if record_key(record) in wanted:
+            summary.add(record)
     return summary
 
 
-def _part_path(output: Path, rank: int) -> Path:
-    """Where process ``rank`` writes its records (same format as ``output``)."""
-    return output.with_name(f"{output.stem}.part{rank}{output.suffix}")
+def _existing_records(output: Path) -> list[dict[str, Any]]:
+    """The records of ``output`` and of any part files a killed multi-process scan left."""
+    return [record for path in [output, *_part_files(output)] for record in read_records(path)]
 
 
-def _rewrite(output: Path, records: list[dict[str, Any]]) -> None:
-    """Replace ``output`` with ``records`` atomically."""
-    temporary = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")
-    writer = _RecordWriter(temporary, append=False)
-    writer.write(records)
-    writer.close()
-    os.replace(temporary, output)
+def _part_files(output: Path) -> list[Path]:
+    """The part files of ``output`` that multi-process scans write (see :func:`part_path`)."""
+    pattern = re.compile(rf"{re.escape(output.stem)}\.part\d+{re.escape(output.suffix)}")
+    return sorted(p for p in output.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def _plan(
+    existing: list[dict[str, Any]],
+    inputs: Sequence[ScanInput],
+    step: CheckStep,
+    settings: _Settings,
+) -> tuple[list[dict[str, Any]], list[ScanInput]]:
+    """``(records to keep, inputs to scan)``.
+
+    Every existing record is kept (other scans' too), once, with the current level and
+    threshold applied to its scores, except the records of inputs scanned again: a file with no
+    record of its current version, one recorded with an error, one that cannot be read (it is
+    recorded again), or one whose copy is missing.
+    """
+    latest = {record_key(record): record for record in existing}
+    todo: list[ScanInput] = []
+    refreshed: dict[tuple[str, int, float], dict[str, Any]] = {}
+    for item in inputs:
+        record = latest.get(item.key)
+        if record is None or item.error is not None or record["error"]:
+            todo.append(item)
+            continue
+        if _more_frames_wanted(record, settings.max_frames):
+            todo.append(item)  # sampled before; these settings check more of its frames
+            continue
+        record = _reflagged(record, step)
+        if _wants_copy(record, settings) and not settings.copies.owns(
+            settings.copies.folder / item.relative
+        ):
+            todo.append(item)
+            continue
+        refreshed[item.key] = record
+    rescanned = {item.realpath for item in todo}
+    kept, seen = [], set()
+    for record in existing:
+        key = record_key(record)
+        if key[0] in rescanned or key in seen:
+            continue
+        if key in refreshed:
+            seen.add(key)
+        kept.append(refreshed.get(key, record))
+    return kept, todo
+
+
+def _reflagged(record: dict[str, Any], step: CheckStep) -> dict[str, Any]:
+    """``record`` with its level and flag decided again from its scores, at ``step``'s settings."""
+    scores = [record[name] for name in ("neutral", "low", "medium", "high")]
+    if any(score is None for score in scores):
+        return record
+    verdicts = step.verdicts(torch.tensor([scores]), torch.tensor([True]))
+    return {
+        **record,
+        "level": NSFWLevel.parse(int(verdicts.levels[0])).value,
+        "flagged": bool(verdicts.flags[0]),
+    }
+
+
+def _more_frames_wanted(record: dict[str, Any], max_frames: int | None) -> bool:
+    checked, frames = record.get("frames_checked"), record.get("frames")
+    if checked is None or frames is None or checked >= frames:
+        return False
+    return max_frames is None or max_frames > checked
+
+
+def _wants_copy(record: dict[str, Any], settings: _Settings) -> bool:
+    if settings.copies is None or record["error"]:
+        return False
+    complete = record.get("frames_checked") in (None, record.get("frames"))
+    return bool(record["flagged"]) or (settings.copy_clean and complete)
+
+
+def _scan_processes(
+    output: Path,
+    kept: list[dict[str, Any]],
+    todo: list[ScanInput],
+    step: CheckStep,
+    settings: _Settings,
+    state: Any,
+    quiet: bool,
+    should_stop: Callable[[], bool] | None,
+) -> list[dict[str, Any]]:
+    """Each process scans its share into its own part file, flushed batch by batch, while the
+    main process holds the output (with the kept records, old parts merged in); at the end it
+    appends the parts' records in input order and removes the parts."""
+    state.wait_for_everyone()  # every process has read the old parts
+    output_file = RecordFile(output, keep=kept) if state.is_main_process else None
+    try:
+        if state.is_main_process:
+            for path in _part_files(output):
+                path.unlink(missing_ok=True)  # their records are in the output now
+        state.wait_for_everyone()
+        part_file = RecordFile(part_path(output, state.process_index))
+        with part_file, state.split_between_processes(todo) as mine:
+            progress = not quiet and state.is_main_process
+            _scan_part(mine, step, part_file, settings, progress, should_stop, None)
+        state.wait_for_everyone()
+        made: list[dict[str, Any]] = []
+        if output_file is not None:
+            parts = [part_path(output, rank) for rank in range(state.num_processes)]
+            made = [record for path in parts for record in read_records(path)]
+            order = {item.key: i for i, item in enumerate(todo)}
+            made.sort(key=lambda record: order.get(record_key(record), len(order)))
+            output_file.write(made)
+            for path in parts:
+                path.unlink(missing_ok=True)
+    finally:
+        if output_file is not None:
+            output_file.close()
+    state.wait_for_everyone()
+    return made
 
 
 def _scan_part(
     inputs: Sequence[ScanInput],
-    scorer: Any,
-    writer: _RecordWriter,
+    step: CheckStep,
+    records_file: RecordFile | None,
     settings: _Settings,
     show_progress: bool,
-) -> None:
+    should_stop: Callable[[], bool] | None,
+    on_records: Callable[[list[dict[str, Any]]], None] | None,
+) -> list[dict[str, Any]]:
+    """Scan ``inputs`` batch by batch; write each batch's copies, then its records."""
     from tqdm.auto import tqdm
 
+    scorer = step.scorer
     device = next(scorer.parameters()).device
     background = tuple(scorer.preprocess.background.flatten().tolist())
-    dataset = _DecodedImages(inputs, scorer.preprocess.config, background, settings.max_frames)
+    dataset = _DecodedImages(
+        inputs,
+        scorer.preprocess.config,
+        background,
+        settings.max_frames,
+        keep_data=settings.copies is not None,
+    )
     loader = DataLoader(
         dataset,
         batch_size=settings.batch_size,
         num_workers=settings.workers,
         collate_fn=_collate,
-        pin_memory=False,  # the batch is pinned once it is put together, in _score_batch
-        worker_init_fn=_one_thread,
+        pin_memory=False,  # the batch is pinned once it is put together, in _check_batch
+        worker_init_fn=_quiet_worker,
         persistent_workers=False,
     )
-    flagged = 0
+    made: list[dict[str, Any]] = []
     with tqdm(total=len(inputs), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
         for items in loader:
-            records = _score_batch(items, inputs, scorer, device, settings)
+            records = _check_batch(items, inputs, step, device, settings.batch_size)
             # Copies first: a record says its copy exists, so --resume after a kill redoes both.
             for record, item in zip(records, items, strict=True):
-                if (
-                    settings.censor_to is not None
-                    and not record["error"]
-                    and (record["flagged"] or settings.copy_clean)
-                ):
-                    _write_copy(inputs[item["index"]], record, settings.censor_to, settings.action)
-            writer.write(records)
-            flagged += sum(r["flagged"] for r in records)
-            bar.set_postfix(flagged=flagged, refresh=False)
+                _write_copy(inputs[item["index"]], record, item, step, settings)
+            if records_file is not None:
+                records_file.write(records)
+            if on_records is not None:
+                on_records(records)
+            made.extend(records)
+            bar.set_postfix(flagged=sum(r["flagged"] for r in made), refresh=False)
             bar.update(len(items))
+            if should_stop is not None and should_stop():
+                break
+    return made
+
+
+def _write_copy(
+    source: ScanInput,
+    record: dict[str, Any],
+    item: dict[str, Any],
+    step: CheckStep,
+    settings: _Settings,
+) -> None:
+    if not _wants_copy(record, settings) or item.get("data") is None:
+        return
+    data = item["data"].numpy().tobytes()
+    if record["flagged"]:
+        settings.copies.write_censored(source.relative, data, step, record)
+    else:
+        settings.copies.write_bytes(source.relative, data)
 
 
 def _concat(tensors: list[torch.Tensor], pinned: bool) -> torch.Tensor:
@@ -581,40 +562,33 @@ def _concat(tensors: list[torch.Tensor], pinned: bool) -> torch.Tensor:
     return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))
 
 
-def _one_thread(_: int) -> None:
-    """Workers decode in the background: one thread each, at a lower priority, so that the
-    model's threads on the main process are not preempted (they wait for each other)."""
-    torch.set_num_threads(1)
-    os.nice(10)
-
-
-def _score_batch(
+def _check_batch(
     items: list[dict[str, Any]],
     inputs: Sequence[ScanInput],
-    scorer: Any,
+    step: CheckStep,
     device: torch.device,
-    settings: _Settings,
+    batch_size: int,
 ) -> list[dict[str, Any]]:
+    """Records for one batch: its frames classified in chunks of ``batch_size``, then each
+    image's verdict from its worst frame, with one host transfer."""
     decoded = [item for item in items if item["error"] is None]
     rows: list[list[float]] = []
     if decoded:
         pixels = _concat([item["pixels"] for item in decoded], pinned=device.type == "cuda")
         verifiable = torch.cat([item["verifiable"] for item in decoded])
-        scores = []
+        counts = torch.tensor([item["pixels"].shape[0] for item in decoded])
+        owners = torch.repeat_interleave(torch.arange(len(decoded)), counts).to(device)
         with torch.inference_mode():
-            for start in range(0, pixels.shape[0], settings.batch_size):
-                chunk = slice(start, start + settings.batch_size)
+            scores = []
+            for start in range(0, pixels.shape[0], batch_size):
+                chunk = slice(start, start + batch_size)
                 frames = pixels[chunk].to(device, non_blocking=True)
-                valid = verifiable[chunk].to(device, non_blocking=True)
-                scores.append(scorer.classify(frames, valid))
-        frame_scores = torch.cat(scores)
-        # An animated image is as bad as its worst frame, level by level.
-        per_image = []
-        for frames in torch.split(frame_scores, [item["frames"] for item in decoded]):
-            worst = frames.amax(dim=0)
-            worst[0] = frames[:, 0].amin()
-            per_image.append(worst)
-        rows = torch.stack(per_image).tolist()  # the one host transfer of the batch
+                scores.append(step.scorer.classify(frames, verifiable[chunk].to(device)))
+            verdicts = step.verdicts(torch.cat(scores), verifiable.to(device), owners, len(decoded))
+            table = torch.cat(
+                [verdicts.scores, verdicts.levels[:, None], verdicts.flags[:, None]], dim=1
+            )
+            rows = table.tolist()  # the one host transfer of the batch
 
     records, row_iter = [], iter(rows)
     for item in items:
@@ -622,16 +596,24 @@ def _score_batch(
         if item["error"] is not None:
             records.append(_record(source, error=item["error"]))
             continue
-        row = next(row_iter)
-        level_index = sum(score >= settings.threshold for score in row[1:])
-        record = _record(
-            source,
-            level=NSFWLevel.parse(level_index).value,
-            flagged=row[settings.level.index] >= settings.threshold,
-            width=item["width"],
-            height=item["height"],
-            frames=item["frames"],
+        *scores, level, flagged = next(row_iter)
+        records.append(
+            _record(
+                source,
+                **dict(zip(("neutral", "low", "medium", "high"), scores, strict=True)),
+                level=NSFWLevel.parse(int(level)).value,
+                flagged=bool(flagged),
+                width=item["width"],
+                height=item["height"],
+                frames=item["frames"],
+                frames_checked=item["pixels"].shape[0],
+            )
         )
-        record.update(zip(("neutral", "low", "medium", "high"), row, strict=True))
-        records.append(record)
     return records
+
+
+def _record(item: ScanInput, **values: Any) -> dict[str, Any]:
+    record = dict.fromkeys(RECORD_FIELDS)
+    record.update(path=str(item.path), flagged=False, bytes=item.bytes, mtime=item.mtime)
+    record.update(realpath=item.realpath, **values)
+    return record
