@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,58 @@ def test_a_second_writer_of_one_output_is_refused(level_checkpoints, tmp_path, c
     finally:
         holder.communicate("")
     assert read_records(output) == []  # the holder's run, which wrote nothing, is intact
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (read from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # "pid (name) state ppid ...": the name may hold spaces
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_a_killed_torchrun_scan_resumes_from_its_part_files(level_checkpoints, tmp_path, capsys):
+    source = tmp_path / "many"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        pixels = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(source / f"{i:02d}.png")
+    output = tmp_path / "r.jsonl"
+    options = ["--device", "cpu", "--workers", "0", "--batch-size", "1", "--quiet"]
+    options += ["--model", str(level_checkpoints["low"]), "--output", str(output)]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
+    command = [*torchrun, "--nproc_per_node", "2", "-m", "nsfw_guard", "scan", str(source)]
+    process = subprocess.Popen([*command, *options], stderr=subprocess.DEVNULL)
+    parts = [tmp_path / f"r.part{rank}.jsonl" for rank in range(2)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if all(p.is_file() and p.read_text().count("\n") >= 3 for p in parts):
+            break
+        time.sleep(0.01)
+    # torchrun and both of its processes (it starts them in sessions of their own).
+    for pid in [process.pid, *_descendants(process.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    done = sum(len(read_records(p)) for p in parts)
+    assert 6 <= done < 60, "the scan was not killed mid-way"
+
+    code, _, err = _scan(capsys, source, *options[7:], "--resume", quiet=False)
+    assert code == EXIT_OK and f"{done} already done" in err, err
+    records = read_records(output)
+    assert sorted(Path(r["path"]).name for r in records) == [f"{i:02d}.png" for i in range(60)]
+    assert not any(p.exists() for p in parts)
 
 
 def test_a_killed_multi_process_scan_resumes_from_its_part_files(
