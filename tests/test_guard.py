@@ -37,7 +37,7 @@ def pipes(tmp_path_factory):
 def _run(pipe, kind, output_type="np", count=2, **kwargs):
     inputs = {"num_inference_steps": 2, "output_type": output_type, "num_images_per_prompt": count}
     if kind == "sd-img2img":
-        inputs["image"] = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+        inputs["image"] = torch.rand(count, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     inputs.update(kwargs)
     return pipe("a photo", generator=torch.Generator().manual_seed(0), **inputs)
 
