@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -24,6 +25,7 @@ from nsfw_guard.records import (
     RecordFileBusy,
     RecordWarning,
     part_path,
+    part_paths,
     read_records,
     record_key,
 )
@@ -64,6 +66,7 @@ def make_record(path: str, **values) -> dict:
         "mtime": 1712345678.1234567,
         "realpath": os.path.realpath(path),
         "frames_checked": 1,
+        "model": "Freepik/nsfw_image_detector",
     }
     record.update(values)
     return record
@@ -122,7 +125,7 @@ def write_file(path: Path, records: list[dict]) -> None:
 
 
 def test_new_fields_are_appended_to_the_fields_of_old_record_files():
-    assert (*OLD_FIELDS, "realpath", "frames_checked") == RECORD_FIELDS
+    assert (*OLD_FIELDS, "realpath", "frames_checked", "model") == RECORD_FIELDS
 
 
 @FORMATS
@@ -227,9 +230,16 @@ def test_a_last_line_cut_short_by_a_kill_is_skipped_silently(tmp_path, suffix):
     write_file(output, records[:2])
     start = len(output.read_bytes())
     assert whole[:start] == output.read_bytes()
+    complete = whole.rstrip(b"\r\n")
+    # A CSV row cut in its last field (model: at worst a shorter name) is a record.
+    last_field = complete.rindex(b",") + 1 if suffix == ".csv" else len(complete)
     for end in range(start + 1, len(whole) - 1):  # every cut, down to the line break
         output.write_bytes(whole[:end])
-        assert read_quietly(output) == records[:2], whole[start:end]
+        expected = records[:2]
+        if end >= last_field:
+            model = whole[last_field:end].decode().strip()
+            expected = [*records[:2], {**records[2], "model": model or None}]
+        assert read_quietly(output) == expected, whole[start:end]
     output.write_bytes(whole)
     assert read_quietly(output) == records
 
@@ -342,16 +352,16 @@ def test_csv_rows_with_missing_columns_or_bad_values_are_skipped_with_one_warnin
     records, message = read_warned(output)
     assert records == good
     assert message.startswith(f"{output}: skipped 7 lines that are not records: ")
-    assert "line 3 (3 columns, the header has 15), line 4 (16 columns," in message
+    assert "line 3 (3 columns, the header has 16), line 4 (17 columns," in message
     assert "line 5 ('bytes': cannot read '12\\udcff')" in message
-    assert "line 6 (1 columns, the header has 15), line 7 ('flagged': cannot read" in message
+    assert "line 6 (1 columns, the header has 16), line 7 ('flagged': cannot read" in message
     assert message.endswith(", and 2 more")
 
 
 def test_csv_from_a_spreadsheet_reads(tmp_path):
     """A byte order mark, TRUE/FALSE, a missing trailing line break on a complete file."""
     output = tmp_path / "results.csv"
-    record = make_record("/a.jpg", realpath=None, frames_checked=None)
+    record = make_record("/a.jpg", realpath=None, frames_checked=None, model=None)
     values = ["" if record[k] is None else str(record[k]) for k in OLD_FIELDS]
     values[OLD_FIELDS.index("flagged")] = "TRUE"
     text = "\ufeff" + ",".join(OLD_FIELDS) + "\r\n" + ",".join(values) + "\r\n"
@@ -398,7 +408,7 @@ def test_records_written_before_realpath_resume_from_the_same_folder(tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     [record] = read_quietly(output)
-    assert record == {**old[0], "realpath": None, "frames_checked": None}
+    assert record == {**old[0], "realpath": None, "frames_checked": None, "model": None}
     key = (str(tmp_path.resolve() / "photos" / "a.jpg"), old[0]["bytes"], old[0]["mtime"])
     assert record_key(record) == key
     # Kept as they were when the file is rewritten (with realpath null).
@@ -452,8 +462,10 @@ def test_records_are_on_disk_after_each_write(tmp_path, suffix):
 def test_a_failed_rewrite_leaves_the_file_as_it_was(tmp_path):
     output = tmp_path / "results.jsonl"
     write_file(output, batch("a"))
-    stale = tmp_path / ".results.jsonl.99999999.nsfw-guard.tmp"  # from a killed writer
+    prefix = hashlib.sha256(b"results.jsonl").hexdigest()[:16]
+    stale = tmp_path / f".nsfw-guard-{prefix}-x1y2z3.tmp"  # from a killed writer of this output
     stale.write_text("half a file")
+    (tmp_path / "user.tmp").write_text("not ours")
     output.chmod(0o600)
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match="'bytes'"):
@@ -461,14 +473,22 @@ def test_a_failed_rewrite_leaves_the_file_as_it_was(tmp_path):
     assert snapshot(tmp_path) == before
     with RecordFile(output, keep=read_quietly(output)):  # not locked any more
         pass
-    assert snapshot(tmp_path) == {output.name: before[output.name]}  # the stale one is gone
+    stale_gone = {name: data for name, data in before.items() if name != stale.name}
+    assert snapshot(tmp_path) == stale_gone  # the stale one is gone, nothing else
     assert output.stat().st_mode & 0o777 == 0o600
 
 
-def test_part_paths_are_beside_the_output_in_its_format():
-    assert part_path(Path("out/results.jsonl"), 0) == Path("out/results.part0.jsonl")
-    assert part_path("out/results.csv", 12) == Path("out/results.part12.csv")
-    assert part_path("results", 1) == Path("results.part1")
+def test_part_paths_are_hidden_beside_the_output_in_its_format(tmp_path):
+    assert part_path(Path("out/results.jsonl"), 0) == Path(
+        "out/.results.jsonl.part0.nsfw-guard.jsonl"
+    )
+    assert part_path("out/results.csv", 12) == Path("out/.results.csv.part12.nsfw-guard.csv")
+    long = "x" * 250 + ".jsonl"  # too long to take a suffix: named by its hash
+    assert len(part_path(long, 3).name) < 60 and part_path(long, 3).name.endswith(".jsonl")
+    output = tmp_path / "results.jsonl"
+    for path in (part_path(output, 0), part_path(output, 1), tmp_path / "results.part0.jsonl"):
+        path.write_text("")  # the last one could be a user's file: never taken for a part
+    assert part_paths(output) == [part_path(output, 0), part_path(output, 1)]
 
 
 def test_a_missing_folder_is_named(tmp_path):
@@ -592,3 +612,13 @@ def test_the_lock_is_not_held_by_forked_children(tmp_path):
         finally:
             os.kill(worker, signal.SIGKILL)
     assert read_quietly(output) == batch("a") + batch("b")
+
+
+def test_a_link_at_the_lock_file_is_never_written_through(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    output = tmp_path / "results.jsonl"
+    (tmp_path / ".results.jsonl.nsfw-guard.lock").symlink_to(precious)
+    with pytest.raises(OSError, match="is a link; nsfw-guard does not write through it"):
+        RecordFile(output)
+    assert precious.read_text() == "keep me" and not output.exists()

@@ -20,10 +20,12 @@ import contextlib
 import csv
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import stat
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +37,7 @@ __all__ = [
     "RecordFileBusy",
     "RecordWarning",
     "part_path",
+    "part_paths",
     "read_records",
     "record_key",
 ]
@@ -54,17 +57,18 @@ _ORIGINAL_FIELDS = (
     "bytes",
     "mtime",
 )
-RECORD_FIELDS: tuple[str, ...] = (*_ORIGINAL_FIELDS, "realpath", "frames_checked")
+RECORD_FIELDS: tuple[str, ...] = (*_ORIGINAL_FIELDS, "realpath", "frames_checked", "model")
 """One record per input, in this order. ``path`` is the input as the user gave it (for display);
 ``realpath`` (absolute, links resolved, at scan time), ``bytes`` and ``mtime`` identify the file
 version for ``--resume`` (see :func:`record_key`). ``frames`` is how many frames the file has,
 ``frames_checked`` how many were checked (an animation longer than ``--max-frames`` is
-sampled). New fields are appended at the end (and given
+sampled). ``model`` names the checkpoint that scored it, so a resume with another model scans
+it again. New fields are appended at the end (and given
 a kind in ``_KINDS``); record files written before them lack them, and read as ``None``."""
 
 _LEVELS = ("neutral", "low", "medium", "high")  # NSFWLevel's values (levels.py imports torch)
 _KINDS: dict[str, tuple[Any, str]] = {  # each field's JSON type, as said in a warning
-    **dict.fromkeys(("path", "realpath", "error"), (str, "a string")),
+    **dict.fromkeys(("path", "realpath", "error", "model"), (str, "a string")),
     **dict.fromkeys(("neutral", "low", "medium", "high", "mtime"), ((int, float), "a number")),
     **dict.fromkeys(("width", "height", "frames", "bytes", "frames_checked"), (int, "an integer")),
     "flagged": (bool, "true or false"),
@@ -115,16 +119,41 @@ def record_key(record: Mapping[str, Any]) -> tuple[str, int, float]:
 
 
 def part_path(output: str | os.PathLike, rank: int) -> Path:
-    """Where process ``rank`` of a multi-process scan writes its records (the output's format).
+    """Where process ``rank`` of a multi-process scan writes its records (the output's format):
+    a hidden file named after the output and this tool, so it is never a user's file.
 
     Example:
         >>> part_path("out/results.jsonl", 1).as_posix()
-        'out/results.part1.jsonl'
-        >>> part_path("results.csv", 0).name
-        'results.part0.csv'
+        'out/.results.jsonl.part1.nsfw-guard.jsonl'
     """
     output = Path(output)
-    return output.with_name(f"{output.stem}.part{rank}{output.suffix}")
+    return output.with_name(f"{_hidden_stem(output)}.part{rank}.nsfw-guard{output.suffix}")
+
+
+def part_paths(output: str | os.PathLike) -> list[Path]:
+    """The part files of ``output`` there are (left by a killed multi-process scan, say).
+
+    Example:
+        >>> part_paths("no/such/folder/results.jsonl")
+        []
+    """
+    output = Path(output)
+    pattern = re.compile(
+        re.escape(_hidden_stem(output)) + r"\.part\d+\.nsfw-guard" + re.escape(output.suffix)
+    )
+    try:
+        names = os.listdir(output.parent)
+    except OSError:
+        return []
+    return sorted(output.parent / name for name in names if pattern.fullmatch(name))
+
+
+def _hidden_stem(output: Path) -> str:
+    """``.NAME`` for the files nsfw-guard keeps beside ``output``, or ``.nsfw-guard-HASH``
+    where ``NAME`` is too long to take a suffix on a file system (255 bytes)."""
+    if len(os.fsencode(output.name)) <= 200:
+        return f".{output.name}"
+    return f".nsfw-guard-{hashlib.sha256(os.fsencode(output.name)).hexdigest()[:16]}"
 
 
 # Checking and converting records ------------------------------------------------------------------
@@ -312,9 +341,13 @@ def _read_csv(file: IO[str], bad: list[tuple[int, str]]) -> Iterator[dict[str, A
         pending = (start, row, "".join(raw))
     if pending is not None and header is not None:
         text = pending[2]
-        # Written rows end with a line break outside quotes; anything else was cut by a kill.
-        if text.endswith("\n") and text.count('"') % 2 == 0:
-            record = _csv_record(header, *pending[:2], bad)
+        # Written rows end with a line break outside quotes. A last row without one was cut by
+        # a kill, or lost only its line break: it is kept if it is still a whole record (the
+        # fields end with model, so a cut that leaves one can only have shortened that name,
+        # which at worst scans the file again on --resume).
+        if text.count('"') % 2 == 0:
+            ignored: list[tuple[int, str]] = []
+            record = _csv_record(header, *pending[:2], bad if text.endswith("\n") else ignored)
             if record is not None:
                 yield record
 
@@ -367,7 +400,7 @@ class RecordFile:
         self.path = Path(path)
         self.csv = _is_csv(self.path)
         self._file: IO[str] | None = None
-        self._lock_path = self.path.with_name(f".{self.path.name}.nsfw-guard.lock")
+        self._lock_path = self.path.with_name(f"{_hidden_stem(self.path)}.nsfw-guard.lock")
         if not self.path.parent.is_dir():
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.path.parent))
         self._lock = _lock(self._lock_path, self.path)
@@ -382,13 +415,16 @@ class RecordFile:
     def _replace(self, records: list[dict[str, Any]]) -> IO[str]:
         """Write ``records`` to a temporary file and rename it over the output; the open
         temporary file becomes the output, to append to."""
-        folder, name = self.path.parent, self.path.name
-        stale = re.compile(rf"\.{re.escape(name)}\.\d+\.nsfw-guard\.tmp")
-        for entry in os.listdir(folder):  # left by killed writers (we hold the lock)
-            if stale.fullmatch(entry):
+        folder = self.path.parent
+        # Named after the output (by hash: any name fits), created anew (never through a link).
+        prefix = f".nsfw-guard-{hashlib.sha256(os.fsencode(self.path.name)).hexdigest()[:16]}-"
+        for entry in os.listdir(folder):  # left by killed writers of this output (we hold the lock)
+            if entry.startswith(prefix) and entry.endswith(".tmp"):
                 (folder / entry).unlink(missing_ok=True)
-        temporary = folder / f".{name}.{os.getpid()}.nsfw-guard.tmp"
-        file = temporary.open(
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+        temporary = Path(name)
+        file = os.fdopen(
+            descriptor,
             "w",
             encoding="utf-8",
             errors="surrogateescape" if self.csv else "strict",
@@ -449,7 +485,14 @@ def _lock(lock_path: Path, output: Path) -> int | None:
     """Take the lock on ``output``: its open lock file, or ``None`` where the file system
     cannot lock (after a warning)."""
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # never through a link: a link planted there must not get the pid written
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            raise OSError(
+                errno.ELOOP, f"{lock_path} is a link; nsfw-guard does not write through it"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
