@@ -357,3 +357,15 @@ def test_empty_truncated_and_non_image_files_raise(tmp_path):
     cut = png.read_bytes()
     with pytest.raises(OSError, match="truncated"):
         decode_image(cut[: len(cut) // 2], target_size=32)
+
+
+def test_every_picture_of_an_icon_is_a_frame(tmp_path):
+    """An icon holds a picture per size, and a small one need not be the large one scaled."""
+    path = tmp_path / "icon.ico"
+    large, small = Image.new("RGB", (64, 64), (0, 255, 0)), Image.new("RGB", (16, 16), (255, 0, 0))
+    large.save(path, sizes=[(16, 16), (64, 64)], append_images=[small])
+    decoded = decode_file(path)
+    assert decoded.frame_count == 2 and decoded.all_frames_checked
+    colours = [frame.pixels[0, :3, 0, 0].tolist() for frame in decoded.frames]
+    assert colours == [[255, 0, 0], [0, 255, 0]]  # the red 16x16 picture is checked too
+    assert decode_image(path.read_bytes(), max_frames=1).frame_indices == (0,)

@@ -20,6 +20,7 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .inputs import ImageBatch, to_image_batches
 
-__all__ = ["DecodedImage", "NotARegularFile", "decode_file", "decode_image", "read_file"]
+__all__ = [
+    "DecodedImage",
+    "NotARegularFile",
+    "decode_file",
+    "decode_image",
+    "iter_frames",
+    "read_file",
+]
 
 _OPEN_FLAGS = (
     os.O_RDONLY
@@ -195,7 +203,8 @@ def _decode(data: bytes, max_frames: int | None, target_size: int | None) -> Dec
             f"({len(data)} bytes starting {data[:8]!r})"
         ) from None
     with image:
-        count = getattr(image, "n_frames", 1)
+        positions = _positions(image)
+        count = len(positions)
         indices = range(count)
         if max_frames is not None and count > max_frames:
             picks = np.linspace(0, count - 1, max_frames).round().astype(int)
@@ -203,8 +212,7 @@ def _decode(data: bytes, max_frames: int | None, target_size: int | None) -> Dec
         frames: list[ImageBatch] = []
         width = height = 0
         for index in indices:
-            image.seek(index)
-            frame = _oriented(image)
+            frame = _frame_at(image, positions[index])
             if not frames:
                 width, height = frame.size
             frames.extend(_to_batches(frame, target_size))
@@ -218,6 +226,41 @@ def _decode(data: bytes, max_frames: int | None, target_size: int | None) -> Dec
             data=data,
             format=image.format,
         )
+
+
+def iter_frames(data: bytes) -> Iterator[Image.Image]:
+    """Every frame of the image in ``data`` (what :func:`decode_image` counts as frames),
+    oriented, one at a time, each valid until the next is asked for.
+
+    Example:
+        >>> buffer = io.BytesIO()
+        >>> Image.new("RGB", (8, 8)).save(buffer, "ICO", sizes=[(8, 8), (4, 4)])
+        >>> [frame.size for frame in iter_frames(buffer.getvalue())]
+        [(4, 4), (8, 8)]
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            for position in _positions(image):
+                yield _frame_at(image, position)
+
+
+def _positions(image: Image.Image) -> list[int | tuple[int, ...]]:
+    """Where the frames are: frame numbers, or for icons (ICO, ICNS) the sizes they hold,
+    each a picture of its own (a small one need not be the large one scaled down)."""
+    sizes = image.info.get("sizes") if image.format in ("ICO", "ICNS") else None
+    if sizes:
+        return sorted(sizes)
+    return list(range(getattr(image, "n_frames", 1)))
+
+
+def _frame_at(image: Image.Image, position: int | tuple[int, ...]) -> Image.Image:
+    """The oriented frame at ``position`` (see :func:`_positions`)."""
+    if isinstance(position, tuple):
+        image.size = position
+    else:
+        image.seek(position)
+    return _oriented(image)
 
 
 def _oriented(image: Image.Image) -> Image.Image:
