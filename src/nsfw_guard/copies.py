@@ -1,11 +1,13 @@
 """``scan --censor-to DIR``: censored (and clean) copies, written only where they harm nothing.
 
 A copy goes to ``DIR/<its input's relative path>``. The folder keeps a manifest of the copies this
-tool wrote (``DIR/.nsfw-guard-copies.jsonl``: relative path, size and modification time of each),
-so that a later run may replace its own copies but never a file it did not write: a target that
-exists and is not one of its copies is a conflict, found before any work. Copies are written to a
-temporary file, listed in the manifest, then renamed into place, so a kill never leaves a half
-copy or a copy the manifest does not know.
+tool wrote (``DIR/.nsfw-guard-copies.jsonl``: relative path, size, modification time and whether
+it is censored), so that a later run may replace its own copies but never a file it did not
+write: a target that exists and is not one of its copies is a conflict, found before any work
+and checked again before each copy. Nothing is written through a link: not the manifest, not a
+copy outside ``DIR``. Copies are written to a temporary file, listed in the manifest, then
+renamed into place, so a kill never leaves a half copy or a copy the manifest does not know (it
+can leave a hidden ``.nsfw-guard-*.tmp`` file, never read).
 
 Copies are made from the bytes that were decoded and checked (never by reading the file again):
 clean ones byte for byte, flagged ones censored frame by frame with the check step's action, in
@@ -14,11 +16,14 @@ the same format where Pillow can write it, with the verdict in their metadata.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import stat
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .check import CheckStep
-from .decode import decode_image
+from .decode import iter_frames
+from .inputs import to_image_batches
 from .preprocess import WHITE, composite_alpha, to_unit_range
 
 __all__ = ["MANIFEST_NAME", "CopyConflict", "CopyFolder"]
@@ -44,6 +50,7 @@ class CopyConflict(ValueError):
 class _Entry:
     size: int
     mtime_ns: int
+    censored: bool
 
 
 class CopyFolder:
@@ -53,35 +60,62 @@ class CopyFolder:
         >>> import tempfile
         >>> folder = CopyFolder(Path(tempfile.mkdtemp()) / "copies")
         >>> folder.write_bytes(Path("a/b.png"), b"not really a png")
-        >>> folder.owns(folder.folder / "a/b.png"), folder.owns(folder.folder / "a/c.png")
-        (True, False)
+        >>> folder.kind(folder.folder / "a/b.png"), folder.kind(folder.folder / "a/c.png")
+        ('clean', None)
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
+        try:
+            info = os.stat(self.folder)
+        except FileNotFoundError:
+            info = None
+        except OSError as error:  # a file where a parent folder should be, ...
+            raise CopyConflict(f"--censor-to {self.folder}: {error.strerror}") from None
+        if info is not None and not stat.S_ISDIR(info.st_mode):
             raise CopyConflict(f"--censor-to {self.folder}: a file, not a folder")
         self.manifest = self.folder / MANIFEST_NAME
+        if os.path.lexists(self.manifest) and not self.manifest.is_file():
+            raise CopyConflict(f"--censor-to {self.folder}: {MANIFEST_NAME} is not a file")
+        if self.manifest.is_symlink():
+            raise CopyConflict(f"--censor-to {self.folder}: {MANIFEST_NAME} is a link")
         self._entries = self._read_manifest()
 
     def owns(self, path: str | os.PathLike) -> bool:
-        """Whether ``path`` is a copy this tool wrote and nobody has changed since."""
+        """Whether ``path`` is a copy this tool wrote in this folder and nobody changed since."""
+        return self.kind(path) is not None
+
+    def kind(self, path: str | os.PathLike) -> str | None:
+        """``"censored"`` or ``"clean"`` for a copy this tool wrote at ``path`` (unchanged
+        since), else ``None``."""
+        relative = self._inside(path)
+        if relative is None:
+            return None
         try:
-            relative = Path(os.path.relpath(os.path.realpath(path), os.path.realpath(self.folder)))
-            stat = os.stat(path, follow_symlinks=False)
-        except (OSError, ValueError):
-            return False
-        entry = self._entries.get(relative.as_posix())
-        return entry is not None and entry == _Entry(stat.st_size, stat.st_mtime_ns)
+            info = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return None
+        entry = self._entries.get(relative)
+        if entry is None or (entry.size, entry.mtime_ns) != (info.st_size, info.st_mtime_ns):
+            return None
+        return "censored" if entry.censored else "clean"
 
     def check(self, inputs: Sequence[Any]) -> None:
-        """Raise :class:`CopyConflict` (one line) if a copy of ``inputs`` (each with ``path`` and
-        ``relative``) would replace a file this tool did not write, an input, or another copy."""
+        """Raise :class:`CopyConflict` (one line) if a copy of ``inputs`` (each with ``path``,
+        ``relative`` and ``error``) would replace a file this tool did not write, an input,
+        another copy, or land outside the folder (through a link in it)."""
         originals = {os.path.realpath(item.path): item.path for item in inputs}
         targets: dict[str, Path] = {}
         for item in inputs:
+            if item.error is not None:
+                continue  # nothing to copy
             target = self.folder / item.relative
             real = os.path.realpath(target)
+            if self._inside(real) is None:
+                raise CopyConflict(
+                    f"--censor-to {self.folder}: the copy of {item.path} would go to {real}, "
+                    "outside the folder (through a link in it)"
+                )
             if real in originals:
                 raise CopyConflict(
                     f"--censor-to {self.folder} would replace {originals[real]}, a file it "
@@ -100,33 +134,58 @@ class CopyFolder:
 
     def write_bytes(self, relative: Path, data: bytes) -> None:
         """Write ``data`` to ``folder/relative``: temporary file, manifest entry, rename."""
-        self._write(relative, lambda file: file.write(data))
+        self._write(relative, lambda path: path.write_bytes(data), censored=False)
 
     def write_censored(
         self, relative: Path, data: bytes, step: CheckStep, verdict: dict[str, Any]
     ) -> None:
         """Write the censored copy of the image in ``data`` (every frame) to ``folder/relative``,
         with ``verdict`` in its metadata."""
-        self._write(relative, lambda file: _save_censored(data, file, step, json.dumps(verdict)))
+        save = functools.partial(_save_censored, data, step=step, verdict=json.dumps(verdict))
+        self._write(relative, save, censored=True)
 
-    def _write(self, relative: Path, save) -> None:
+    def _write(self, relative: Path, save: Callable[[Path], Any], censored: bool) -> None:
         destination = self.folder / relative
+        if self._inside(os.path.realpath(destination)) is None:
+            raise CopyConflict(f"{destination} is outside {self.folder} (through a link in it)")
         destination.parent.mkdir(parents=True, exist_ok=True)
-        temporary = destination.with_name(f".{destination.name}.{os.getpid()}.nsfw-guard.tmp")
+        # A new file of its own (never through a link), with a short name any name fits.
+        descriptor, name = tempfile.mkstemp(
+            dir=destination.parent, prefix=".nsfw-guard-", suffix=".tmp"
+        )
+        os.close(descriptor)
+        temporary = Path(name)
         try:
-            with temporary.open("wb") as file:
-                save(file)
-            stat = temporary.stat()
-            self._remember(relative, _Entry(stat.st_size, stat.st_mtime_ns))
+            save(temporary)
+            info = temporary.stat()
+            # Checked again now, not only before the scan: a file may have appeared since.
+            if os.path.lexists(destination) and not self.owns(destination):
+                raise CopyConflict(
+                    f"{destination} appeared during the scan and nsfw-guard did not write it: "
+                    "its copy is not written"
+                )
+            self._remember(relative, _Entry(info.st_size, info.st_mtime_ns, censored))
             os.replace(temporary, destination)
         finally:
             temporary.unlink(missing_ok=True)
 
+    def _inside(self, path: str | os.PathLike) -> str | None:
+        """``path`` relative to the folder (POSIX), or ``None`` when it is not inside it."""
+        try:
+            relative = os.path.relpath(os.path.realpath(path), os.path.realpath(self.folder))
+        except ValueError:  # another drive
+            return None
+        if relative == os.curdir or relative.split(os.sep)[0] == os.pardir:
+            return None
+        return Path(relative).as_posix()
+
     def _remember(self, relative: Path, entry: _Entry) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         key = relative.as_posix()
         line = {"path": key, "size": entry.size, "mtime_ns": entry.mtime_ns}
-        with self.manifest.open("a", encoding="utf-8", errors="surrogateescape") as file:
+        line["censored"] = entry.censored
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        descriptor = os.open(self.manifest, flags, 0o644)
+        with open(descriptor, "a", encoding="utf-8", errors="surrogateescape") as file:
             file.write(json.dumps(line) + "\n")
             file.flush()
             os.fsync(file.fileno())
@@ -141,7 +200,13 @@ class CopyFolder:
             for line in file:
                 try:
                     item = json.loads(line)
-                    entries[str(item["path"])] = _Entry(int(item["size"]), int(item["mtime_ns"]))
+                    key = str(item["path"])
+                    if Path(key).is_absolute() or os.pardir in Path(key).parts:
+                        raise ValueError(f"{key}: not a path inside the folder")
+                    entry = _Entry(int(item["size"]), int(item["mtime_ns"]), item["censored"])
+                    if not isinstance(entry.censored, bool):
+                        raise TypeError("censored: not true or false")
+                    entries[key] = entry
                 except (ValueError, TypeError, KeyError):
                     bad += 1
         if bad:
@@ -153,34 +218,39 @@ class CopyFolder:
         return entries
 
 
-def _save_censored(data: bytes, file: io.BufferedWriter, step: CheckStep, verdict: str) -> None:
-    """Censor every frame of the image in ``data`` with ``step``'s action and save it."""
-    decoded = decode_image(data)
+def _save_censored(data: bytes, path: Path, step: CheckStep, verdict: str) -> None:
+    """Censor every frame of the image in ``data`` with ``step``'s action and save it to
+    ``path``, one frame in memory as floats at a time."""
     frames = []
-    for frame in decoded.frames:
+    for frame in iter_frames(data):
+        batch = to_image_batches(frame)[0]
         # What the detector saw: alpha composited over white, gray as RGB; then censored.
-        unit = composite_alpha(to_unit_range(frame.pixels, frame.value_range), WHITE)
+        unit = composite_alpha(to_unit_range(batch.pixels, batch.value_range), WHITE)
         unit = unit.expand(-1, 3, -1, -1)
         flagged = torch.ones(1, dtype=torch.bool)  # to_unit_range made NaN pixels 0: verifiable
         censored = step.censor(unit, flagged, flagged, "0,1")
         array = (censored[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
         frames.append(Image.fromarray(array.numpy()))
-    fmt = decoded.format if decoded.format in Image.SAVE else "PNG"
-    fmt = "JPEG" if fmt == "MPO" else fmt
+        del batch, unit, censored
+    with Image.open(io.BytesIO(data)) as original:
+        fmt, duration = original.format, original.info.get("duration", 100)
+    fmt = "JPEG" if fmt == "MPO" else fmt if fmt in Image.SAVE else "PNG"
     options: dict[str, Any] = {"format": fmt}
     if fmt == "PNG":
         options["pnginfo"] = PngInfo()
         options["pnginfo"].add_text("nsfw-guard", verdict)
     elif fmt == "GIF":
         options["comment"] = verdict.encode()
-    else:
+    elif fmt not in ("ICO", "ICNS"):
         exif = Image.Exif()
         exif[0x010E] = verdict  # ImageDescription
         options["exif"] = exif
     if fmt in ("JPEG", "WEBP"):
         options["quality"] = 95
-    if len(frames) > 1 and fmt in ("GIF", "PNG", "WEBP", "TIFF"):
-        with Image.open(io.BytesIO(data)) as original:
-            duration = original.info.get("duration", 100)
+    if fmt in ("ICO", "ICNS"):  # every size, each picture censored
+        options["sizes"] = [frame.size for frame in frames]
+        options["append_images"] = frames[:-1]
+        frames = frames[-1:]
+    elif len(frames) > 1 and fmt in ("GIF", "PNG", "WEBP", "TIFF"):
         options.update(save_all=True, append_images=frames[1:], loop=0, duration=duration)
-    frames[0].save(file, **options)
+    frames[0].save(path, **options)
