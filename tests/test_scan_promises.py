@@ -2,6 +2,7 @@
 that existed before a run is modified or lost, every input gets a record, resumes keep every
 record, and scan and check give the same verdicts."""
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -24,6 +25,7 @@ from nsfw_guard.cli import (
     main,
 )
 from nsfw_guard.copies import MANIFEST_NAME
+from nsfw_guard.records import part_path, part_paths
 from nsfw_guard.scan import read_records
 
 from .conftest import PHOTO_PATHS, make_brightness_checkpoint
@@ -365,6 +367,14 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has closed its files: it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_killed_torchrun_scan_resumes_from_its_part_files(level_checkpoints, tmp_path, capsys):
     source = tmp_path / "many"
     source.mkdir()
@@ -378,16 +388,21 @@ def test_a_killed_torchrun_scan_resumes_from_its_part_files(level_checkpoints, t
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
     command = [*torchrun, "--nproc_per_node", "2", "-m", "nsfw_guard", "scan", str(source)]
     process = subprocess.Popen([*command, *options], stderr=subprocess.DEVNULL)
-    parts = [tmp_path / f"r.part{rank}.jsonl" for rank in range(2)]
+    parts = [part_path(output, rank) for rank in range(2)]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if all(p.is_file() and p.read_text().count("\n") >= 3 for p in parts):
             break
         time.sleep(0.01)
-    # torchrun and both of its processes (it starts them in sessions of their own).
-    for pid in [process.pid, *_descendants(process.pid)]:
-        os.kill(pid, signal.SIGKILL)
+    # torchrun and both of its processes (it starts them in sessions of their own); then wait
+    # until they are gone, so that no lock outlives them.
+    processes = [process.pid, *_descendants(process.pid)]
+    for pid in processes:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+    while any(_running(pid) for pid in processes[1:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
     done = sum(len(read_records(p)) for p in parts)
     assert 6 <= done < 60, "the scan was not killed mid-way"
 
@@ -413,13 +428,13 @@ def test_a_killed_multi_process_scan_resumes_from_its_part_files(
     output.write_text("")
     for rank, part in enumerate((records[:1], records[2:3])):
         lines = "".join(json.dumps(r) + "\n" for r in part)
-        (tmp_path / f"r.part{rank}.jsonl").write_text(lines)
+        part_path(output, rank).write_text(lines)
     code, _, err = _scan(
         capsys, source, "--model", model, "--output", output, "--resume", quiet=False
     )
     assert code == EXIT_OK and "2 already done" in err and "scanned 2 image(s)" in err
     assert sorted(r["path"] for r in read_records(output)) == sorted(r["path"] for r in records)
-    assert not list(tmp_path.glob("r.part*"))
+    assert part_paths(output) == []
 
 
 # 6. No crash, one line --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import threading
+import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .detector import NSFWDetector
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_FILE_ERRORS = 0, 1, 2, 3
+EXIT_ERROR = 4  # could not finish: the records or copies could not be written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 _LEVELS = ("low", "medium", "high")
@@ -47,11 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        with _warnings_as_lines():
+        with _warnings_as_lines(), _stop_on_signals() as args.stop:
             return args.run(args, args.command_parser)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one while the model loads
-        print("nsfw-guard: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        _say("nsfw-guard: interrupted")
         return EXIT_INTERRUPTED
+    except Exception as error:  # one line, never a traceback, never exit 1 ("flagged")
+        if os.environ.get("NSFW_GUARD_DEBUG"):
+            raise
+        _say(f"nsfw-guard: error: {type(error).__name__}: {_shown(str(error))}")
+        return EXIT_ERROR
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,7 +207,7 @@ def _load_detector(
             level=args.level,
         )
     except (OSError, ValueError) as error:  # the model could not be loaded: say why, no usage
-        print(f"nsfw-guard: error: {error}", file=sys.stderr)
+        _say(f"nsfw-guard: error: {_shown(str(error))}")
         raise SystemExit(EXIT_USAGE) from None
 
 
@@ -210,40 +217,38 @@ def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     _check_frames(args, parser)
     inputs = find_images(args.images, recursive=False, folders=False)
     order = {str(path): i for i, path in enumerate(args.images)}
-    inputs.sort(key=lambda item: order[str(item.path)])  # as given, not sorted
-    detector = _load_detector(args, parser)
+    inputs.sort(key=lambda item: order.get(str(item.path), len(order)))  # as given
 
     def show(records: list[dict[str, Any]]) -> None:
         for record in records:
             if record["error"]:
-                print(f"{record['path']}\terror: {record['error']}", flush=True)
+                _say(f"{_shown(record['path'])}\terror: {_shown(record['error'])}", sys.stdout)
                 continue
             scores = " ".join(f"{name}={record[name]:.4f}" for name in _SCORES)
             verdict = "FLAGGED" if record["flagged"] else "ok"
-            print(f"{record['path']}\t{record['level']}\t{scores}\t{verdict}", flush=True)
+            _say(f"{_shown(record['path'])}\t{record['level']}\t{scores}\t{verdict}", sys.stdout)
 
-    with _stop_on_signals() as stop:
-        summary = scan(
-            inputs,
-            detector.scorer,
-            None,
-            level=args.level,
-            threshold=args.threshold,
-            batch_size=args.batch_size,
-            max_frames=args.max_frames,
-            quiet=True,
-            should_stop=stop.is_set,
-            on_records=show,
-        )
+    detector = _load_detector(args, parser)
+    summary = scan(
+        inputs, detector.scorer, None, quiet=True, on_records=show, **_check_options(args)
+    )
     if summary.interrupted:
-        print(
-            f"nsfw-guard: stopped after {summary.scanned} of {summary.total} images",
-            file=sys.stderr,
-        )
+        _say(f"nsfw-guard: stopped after {summary.scanned} of {summary.total} images")
         return EXIT_INTERRUPTED
     if summary.errors:
         return EXIT_FILE_ERRORS
     return EXIT_FLAGGED if summary.flagged else EXIT_OK
+
+
+def _check_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `check` and `scan` share, as `scan()` keywords."""
+    return {
+        "level": args.level,
+        "threshold": args.threshold,
+        "batch_size": args.batch_size,
+        "max_frames": args.max_frames,
+        "should_stop": args.stop.is_set,
+    }
 
 
 def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -261,6 +266,8 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--output {output}: the folder {output.parent} does not exist")
     if output.suffix.lower() in IMAGE_EXTENSIONS:
         parser.error(f"--output {output} is an image name; records go to a .jsonl or .csv file")
+    if output.exists() and not output.is_file():
+        parser.error(f"--output {output} is not a regular file (a device, a FIFO, ...)")
     try:
         copies = CopyFolder(args.censor_to) if args.censor_to is not None else None
         inputs = find_images(args.paths, recursive=args.recursive, copies=copies)
@@ -276,44 +283,80 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     state = _process_state(args.device)
     detector = _load_detector(args, parser, device=state.device if args.device == "auto" else None)
+    if args.stop.is_set():  # Ctrl-C or SIGTERM while the model loaded
+        _say("nsfw-guard: stopped before any image was scanned")
+        return EXIT_INTERRUPTED
     try:
-        with _stop_on_signals() as stop:
-            summary = scan(
-                inputs,
-                detector.scorer,
-                output,
-                level=args.level,
-                threshold=args.threshold,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                resume=args.resume,
-                censor_to=copies,
-                action=args.action,
-                copy_clean=args.copy_clean,
-                max_frames=args.max_frames,
-                quiet=args.quiet,
-                state=state,
-                should_stop=stop.is_set,
-            )
-    except RecordFileBusy as error:
-        print(f"nsfw-guard: error: {error}", file=sys.stderr)
+        summary = scan(
+            inputs,
+            detector.scorer,
+            output,
+            workers=args.workers,
+            resume=args.resume,
+            censor_to=copies,
+            action=args.action,
+            copy_clean=args.copy_clean,
+            quiet=args.quiet,
+            state=state,
+            model=_model_name(args),
+            **_check_options(args),
+        )
+    except (RecordFileBusy, CopyConflict) as error:  # another scan came first
+        _say(f"nsfw-guard: error: {_shown(str(error))}")
         return EXIT_USAGE
+    except OSError as error:  # the records or copies could not be written
+        _say(f"nsfw-guard: error: could not write the records: {_shown(str(error))}")
+        return EXIT_ERROR
     if not state.is_main_process:
         return EXIT_OK
     if summary.interrupted:
         done = summary.skipped + summary.scanned
-        print(
-            f"nsfw-guard: stopped after {done} of {summary.total} images, records in {output}; "
-            f"continue with: {_resume_command()}",
-            file=sys.stderr,
+        _say(
+            f"nsfw-guard: stopped after {done} of {summary.total} images, records in "
+            f"{_shown(str(output))}; continue with: {_resume_command()}"
         )
         return EXIT_INTERRUPTED
     if not args.quiet:
-        for line in [*summary.lines(), f"records: {output}"]:
-            print(line, file=sys.stderr)
+        for line in [*summary.lines(), f"records: {_shown(str(output))}"]:
+            _say(line)
     if args.fail_on and summary.worst >= args.fail_on:
         return EXIT_FLAGGED
     return EXIT_FILE_ERRORS if summary.errors else EXIT_OK
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    """What the records name the model by: its folder's real path, or its Hub id and revision."""
+    if Path(args.model).is_dir():
+        return os.path.realpath(args.model)
+    return f"{args.model}@{args.revision}" if args.revision else args.model
+
+
+def _shown(text: str) -> str:
+    """``text`` on one line: control characters (line breaks, tabs) as escapes; bytes that are
+    not UTF-8 (lone surrogates) stay, and are written back as the bytes they were."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(c) == "Cc" or c in "\u2028\u2029"
+        else c
+        for c in text
+    )
+
+
+def _say(text: str, stream: Any = None) -> None:
+    """Write a line to ``stream`` (stderr), file names in their own bytes, whatever the locale."""
+    stream = stream or sys.stderr
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        data = (text + "\n").encode(encoding, "surrogateescape")
+    except UnicodeEncodeError:  # a character the locale's encoding lacks
+        data = (text + "\n").encode(encoding, "backslashreplace")
+    stream.flush()
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:  # a text-only stream (tests capture this way)
+        stream.write(data.decode(encoding, "surrogateescape"))
+    else:
+        buffer.write(data)
+        buffer.flush()
 
 
 def _check_frames(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -327,11 +370,13 @@ def _inside(path: str, folder: Path) -> bool:
 
 
 def _resume_command() -> str:
-    """The command line that was run, with ``--resume``."""
+    """The command line that was run, with ``--resume`` (after the command's name, where it
+    is an option whatever follows, even ``--``)."""
     import shlex
 
-    argv = sys.argv[1:]
-    return shlex.join(["nsfw-guard", *argv, *([] if "--resume" in argv else ["--resume"])])
+    command, *rest = sys.argv[1:]
+    resume = [] if "--resume" in rest else ["--resume"]
+    return shlex.join(["nsfw-guard", command, *resume, *rest])
 
 
 @contextmanager
@@ -340,7 +385,7 @@ def _warnings_as_lines() -> Iterator[None]:
     import warnings
 
     def show(message: Any, category: type, filename: str, lineno: int, *rest: Any) -> None:
-        print(f"nsfw-guard: warning: {message}", file=sys.stderr)
+        _say(f"nsfw-guard: warning: {_shown(str(message))}")
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
@@ -360,10 +405,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print(
-            "nsfw-guard: stopping after the batch in flight (Ctrl-C again to stop now)",
-            file=sys.stderr,
-        )
+        _say("nsfw-guard: stopping after the batch in flight (Ctrl-C again to stop now)")
 
     if threading.current_thread() is not threading.main_thread():  # signals are the main's
         yield stop

@@ -177,9 +177,13 @@ def _check_device(device: torch.device | str | None) -> torch.device:
             f"device={str(device)!r} but CUDA is not available here; pass device='cpu', or None "
             "to pick CUDA when it is available."
         )
+    if device.type == "meta":
+        raise ValueError(
+            "device='meta' holds no data, so it cannot run the model; pass 'cpu' or 'cuda'."
+        )
     try:  # a device this torch build or machine lacks (mps, a missing GPU index, ...)
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
+    except (RuntimeError, AssertionError, NotImplementedError) as error:
         # torch's own message can run to thousands of characters: its first sentence says why.
         why = str(error).strip().splitlines()[0].split(". ")[0][:160] if str(error).strip() else ""
         raise ValueError(

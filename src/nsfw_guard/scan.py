@@ -14,7 +14,6 @@ part file, and the main process merges them in input order.
 from __future__ import annotations
 
 import os
-import re
 import stat
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ from .copies import CopyFolder
 from .decode import decode_image, read_file
 from .levels import NSFWLevel
 from .preprocess import DataConfig, Preprocess
-from .records import RECORD_FIELDS, RecordFile, part_path, read_records, record_key
+from .records import RECORD_FIELDS, RecordFile, part_path, part_paths, read_records, record_key
 from .scoring import NSFWScorer
 
 __all__ = [
@@ -133,8 +132,10 @@ def find_images(
     folders: bool = True,
 ) -> list[ScanInput]:
     """The image files under ``paths`` (by extension; a file given directly is always taken),
-    sorted, each with its version. Folder links are not followed, so link loops cannot trap
-    the walk; the copies this tool wrote in ``copies`` are left out.
+    sorted, each with its version. Links to folders are followed, each folder once (so link
+    loops end); a file reached by several paths is one input, under the first path found (the
+    walk goes in sorted order, a folder's files before its sub-folders). The copies
+    this tool wrote in ``copies`` are left out of the folders walked.
 
     What cannot be scanned is an input too, with its ``error``: a path that does not exist, a
     folder that cannot be read (or any folder given when ``folders`` is false), a FIFO, socket
@@ -151,13 +152,31 @@ def find_images(
     else:
         base = os.path.commonpath([os.path.abspath(r.parent) for r in roots])
 
-    found: dict[str, ScanInput] = {}
+    found: dict[str, ScanInput] = {}  # by real path: one input per file
+    walked: set[str] = set()
 
     def add(path: Path, error: str | None = None) -> None:
-        if copies is not None and copies.owns(path):
-            return  # this tool's own copy: never scanned
         relative = Path(os.path.relpath(os.path.abspath(path), base))
-        found.setdefault(str(path), _scan_input(path, relative, error))
+        item = _scan_input(path, relative, error)
+        found.setdefault(item.realpath, item)
+
+    def walk(root: Path) -> None:
+        def unreadable(error: OSError) -> None:
+            add(Path(error.filename), f"{type(error).__name__}: {error.strerror}")
+
+        for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in walked:  # reached again, through a link: its files are found already
+                subfolders.clear()
+                continue
+            walked.add(real)
+            subfolders.sort()  # a file reached by several paths keeps the first, sorted
+            for name in sorted(names):
+                path = Path(folder) / name
+                if path.suffix.lower() in IMAGE_EXTENSIONS and not (copies and copies.owns(path)):
+                    add(path)
+            if not recursive:
+                subfolders.clear()
 
     for root in roots:
         if not (root.exists() or root.is_symlink()):
@@ -166,26 +185,9 @@ def find_images(
             add(root)
         elif not folders:
             add(root, "IsADirectoryError: a folder, not an image (scan it with nsfw-guard scan)")
-        elif recursive:
-
-            def unreadable(error: OSError) -> None:
-                add(Path(error.filename), f"{type(error).__name__}: {error.strerror}")
-
-            for folder, _, names in os.walk(root, onerror=unreadable):
-                for name in names:
-                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                        add(Path(folder) / name)
         else:
-            try:
-                names = os.listdir(root)
-            except OSError as error:
-                add(root, f"{type(error).__name__}: {error.strerror}")
-                continue
-            for name in names:
-                path = root / name
-                if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir():
-                    add(path)
-    return [found[key] for key in sorted(found)]
+            walk(root)
+    return sorted(found.values(), key=lambda item: str(item.path))
 
 
 def _scan_input(path: Path, relative: Path, error: str | None) -> ScanInput:
@@ -265,11 +267,12 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _quiet_worker(_: int) -> None:
     """Workers decode in the background: one thread each, at a lower priority, so that the
-    model's threads are not preempted; Ctrl-C is the main process's to handle (it stops after
-    the batch in flight), so workers ignore it."""
+    model's threads are not preempted; Ctrl-C and SIGTERM are the main process's to handle (it
+    stops after the batch in flight, then ends the workers), so workers ignore them."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     os.nice(10)
 
@@ -284,6 +287,7 @@ class _Settings:
     max_frames: int | None
     copies: CopyFolder | None
     copy_clean: bool
+    model: str | None = None
 
 
 def scan(
@@ -304,11 +308,14 @@ def scan(
     state: Any = None,
     should_stop: Callable[[], bool] | None = None,
     on_records: Callable[[list[dict[str, Any]]], None] | None = None,
+    model: str | None = None,
 ) -> ScanSummary:
     """Scan ``inputs`` with ``scorer`` (an :class:`~nsfw_guard.scoring.NSFWScorer` on its device)
     and write one record per input to ``output`` (JSONL, or CSV by extension; ``None``: no file).
 
-    ``max_frames`` frames of an animation are checked (``0``: all). ``should_stop`` is asked
+    ``model`` names the checkpoint in the records: on ``resume``, records made by another model
+    are scanned again. ``max_frames`` frames of an animation are checked (``0``: all).
+    ``should_stop`` is asked
     after each batch: when it says so, the scan stops there, with every record of the batches
     done written. ``on_records`` gets each batch's records as they are made. ``state`` is
     accelerate's ``PartialState`` when several processes share the work; the main process then
@@ -329,7 +336,7 @@ def scan(
     copies = censor_to if isinstance(censor_to, CopyFolder | None) else CopyFolder(censor_to)
     if copies is not None:
         copies.check(inputs)
-    settings = _Settings(batch_size, workers, max_frames or None, copies, copy_clean)
+    settings = _Settings(batch_size, workers, max_frames or None, copies, copy_clean, model)
     processes = state.num_processes if state is not None else 1
     started = time.perf_counter()
 
@@ -348,7 +355,7 @@ def scan(
     kept, todo = _plan(existing, inputs, step, settings)
     if processes == 1:
         with RecordFile(output, keep=kept) as records_file:
-            for path in _part_files(output):  # a killed multi-process scan's: merged in ``kept``
+            for path in part_paths(output):  # a killed multi-process scan's: merged in ``kept``
                 path.unlink()
             made = _scan_part(
                 todo, step, records_file, settings, not quiet, should_stop, on_records
@@ -368,13 +375,7 @@ def scan(
 
 def _existing_records(output: Path) -> list[dict[str, Any]]:
     """The records of ``output`` and of any part files a killed multi-process scan left."""
-    return [record for path in [output, *_part_files(output)] for record in read_records(path)]
-
-
-def _part_files(output: Path) -> list[Path]:
-    """The part files of ``output`` that multi-process scans write (see :func:`part_path`)."""
-    pattern = re.compile(rf"{re.escape(output.stem)}\.part\d+{re.escape(output.suffix)}")
-    return sorted(p for p in output.parent.iterdir() if pattern.fullmatch(p.name))
+    return [record for path in [output, *part_paths(output)] for record in read_records(path)]
 
 
 def _plan(
@@ -387,25 +388,31 @@ def _plan(
 
     Every existing record is kept (other scans' too), once, with the current level and
     threshold applied to its scores, except the records of inputs scanned again: a file with no
-    record of its current version, one recorded with an error, one that cannot be read (it is
-    recorded again), or one whose copy is missing.
+    record of its current version by this model, one recorded with an error, one that cannot be
+    read (it is recorded again), an animation with fewer frames checked than now asked for, or
+    one whose copy is missing or not the kind (censored or clean) its verdict now asks for.
     """
     latest = {record_key(record): record for record in existing}
     todo: list[ScanInput] = []
     refreshed: dict[tuple[str, int, float], dict[str, Any]] = {}
     for item in inputs:
         record = latest.get(item.key)
-        if record is None or item.error is not None or record["error"]:
-            todo.append(item)
-            continue
-        if _more_frames_wanted(record, settings.max_frames):
-            todo.append(item)  # sampled before; these settings check more of its frames
+        if (
+            record is None
+            or item.error is not None
+            or record["error"]
+            or (settings.model is not None and record.get("model") not in (None, settings.model))
+            or _more_frames_wanted(record, settings.max_frames)
+        ):
+            todo.append(item)  # no verdict of this version, by this model, on enough frames
             continue
         record = _reflagged(record, step)
-        if _wants_copy(record, settings) and not settings.copies.owns(
-            settings.copies.folder / item.relative
+        wanted = _wanted_copy(record, settings)
+        if (
+            wanted is not None
+            and settings.copies.kind(settings.copies.folder / item.relative) != wanted
         ):
-            todo.append(item)
+            todo.append(item)  # its copy is missing, or clean where it must now be censored
             continue
         refreshed[item.key] = record
     rescanned = {item.realpath for item in todo}
@@ -440,11 +447,15 @@ def _more_frames_wanted(record: dict[str, Any], max_frames: int | None) -> bool:
     return max_frames is None or max_frames > checked
 
 
-def _wants_copy(record: dict[str, Any], settings: _Settings) -> bool:
+def _wanted_copy(record: dict[str, Any], settings: _Settings) -> str | None:
+    """The copy ``record``'s file gets: ``"censored"``, ``"clean"`` or ``None``. A clean file
+    with unchecked frames is never copied as clean."""
     if settings.copies is None or record["error"]:
-        return False
+        return None
+    if record["flagged"]:
+        return "censored"
     complete = record.get("frames_checked") in (None, record.get("frames"))
-    return bool(record["flagged"]) or (settings.copy_clean and complete)
+    return "clean" if settings.copy_clean and complete else None
 
 
 def _scan_processes(
@@ -464,7 +475,7 @@ def _scan_processes(
     output_file = RecordFile(output, keep=kept) if state.is_main_process else None
     try:
         if state.is_main_process:
-            for path in _part_files(output):
+            for path in part_paths(output):
                 path.unlink(missing_ok=True)  # their records are in the output now
         state.wait_for_everyone()
         part_file = RecordFile(part_path(output, state.process_index))
@@ -522,7 +533,7 @@ def _scan_part(
     made: list[dict[str, Any]] = []
     with tqdm(total=len(inputs), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
         for items in loader:
-            records = _check_batch(items, inputs, step, device, settings.batch_size)
+            records = _check_batch(items, inputs, step, device, settings)
             # Copies first: a record says its copy exists, so --resume after a kill redoes both.
             for record, item in zip(records, items, strict=True):
                 _write_copy(inputs[item["index"]], record, item, step, settings)
@@ -545,13 +556,19 @@ def _write_copy(
     step: CheckStep,
     settings: _Settings,
 ) -> None:
-    if not _wants_copy(record, settings) or item.get("data") is None:
+    """Write the copy ``record`` asks for; a copy that cannot be written makes the record an
+    error (so ``--resume`` tries again), never stops the scan."""
+    wanted = _wanted_copy(record, settings)
+    if wanted is None or item.get("data") is None:
         return
     data = item["data"].numpy().tobytes()
-    if record["flagged"]:
-        settings.copies.write_censored(source.relative, data, step, record)
-    else:
-        settings.copies.write_bytes(source.relative, data)
+    try:
+        if wanted == "censored":
+            settings.copies.write_censored(source.relative, data, step, record)
+        else:
+            settings.copies.write_bytes(source.relative, data)
+    except Exception as error:
+        record["error"] = f"copy not written: {type(error).__name__}: {error}"
 
 
 def _concat(tensors: list[torch.Tensor], pinned: bool) -> torch.Tensor:
@@ -567,7 +584,7 @@ def _check_batch(
     inputs: Sequence[ScanInput],
     step: CheckStep,
     device: torch.device,
-    batch_size: int,
+    settings: _Settings,
 ) -> list[dict[str, Any]]:
     """Records for one batch: its frames classified in chunks of ``batch_size``, then each
     image's verdict from its worst frame, with one host transfer."""
@@ -580,8 +597,8 @@ def _check_batch(
         owners = torch.repeat_interleave(torch.arange(len(decoded)), counts).to(device)
         with torch.inference_mode():
             scores = []
-            for start in range(0, pixels.shape[0], batch_size):
-                chunk = slice(start, start + batch_size)
+            for start in range(0, pixels.shape[0], settings.batch_size):
+                chunk = slice(start, start + settings.batch_size)
                 frames = pixels[chunk].to(device, non_blocking=True)
                 scores.append(step.scorer.classify(frames, verifiable[chunk].to(device)))
             verdicts = step.verdicts(torch.cat(scores), verifiable.to(device), owners, len(decoded))
@@ -607,6 +624,7 @@ def _check_batch(
                 height=item["height"],
                 frames=item["frames"],
                 frames_checked=item["pixels"].shape[0],
+                model=settings.model,
             )
         )
     return records
