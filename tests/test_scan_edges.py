@@ -19,7 +19,7 @@ from nsfw_guard.cli import (
     main,
 )
 from nsfw_guard.copies import MANIFEST_NAME, CopyConflict, CopyFolder
-from nsfw_guard.scan import ScanInput, read_records
+from nsfw_guard.scan import ScanInput, decoding_workers, read_records
 
 from .test_scan_promises import _photo, _scan, _tree
 
@@ -232,3 +232,17 @@ def test_output_that_is_not_a_regular_file_is_refused(level_checkpoints, tmp_pat
     )
     assert code == EXIT_USAGE and "is not a regular file" in err
     assert fifo.is_fifo()
+
+
+def test_workers_decode_in_the_main_process_when_shared_memory_is_short(tmp_path):
+    """Workers hand images over through /dev/shm; where it is too small (Docker's 64 MB
+    default), they would stall or die, so the scan decodes in the main process and says why."""
+    folder = os.statvfs(tmp_path)
+    free = folder.f_bavail * folder.f_frsize
+    size = (448, 448)
+    if free > 2**30:  # 2 workers of batches of 16 need about 300 MB
+        assert decoding_workers(2, 16, size, shared_memory=tmp_path) == 2
+    # A batch so large that no disk holds it in flight: main process, with a warning.
+    with pytest.warns(UserWarning, match=r"--shm-size=1g"):
+        assert decoding_workers(2, 2**40, size, shared_memory=tmp_path) == 0
+    assert decoding_workers(0, 2**40, size, shared_memory=tmp_path) == 0

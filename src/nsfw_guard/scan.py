@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +262,42 @@ class _DecodedImages(Dataset):
         return item
 
 
+def decoding_workers(
+    workers: int,
+    batch_size: int,
+    input_size: tuple[int, int],
+    shared_memory: str | os.PathLike = "/dev/shm",
+) -> int:
+    """``workers``, or 0 where ``shared_memory`` (through which workers hand over their
+    images) has too little room for the batches in flight: a full ``/dev/shm`` (Docker's
+    64 MB default) stalls or kills workers. Says so in a warning.
+
+    Example:
+        >>> decoding_workers(2, 16, (448, 448), shared_memory="/no/such/folder")
+        2
+    """
+    try:
+        stats = os.statvfs(shared_memory)
+    except (OSError, AttributeError):  # no such folder (macOS, Windows): nothing to check
+        return workers
+    if workers == 0:
+        return 0
+    # DataLoader keeps 2 batches per worker in flight, of float32 RGB images; twice that leaves
+    # room for animations' frames and the bytes kept for copies.
+    in_flight = 2 * workers * batch_size * 4 * 3 * input_size[0] * input_size[1]
+    needed = 2 * in_flight
+    free = stats.f_bavail * stats.f_frsize
+    if free >= needed:
+        return workers
+    warnings.warn(
+        f"{os.fspath(shared_memory)} has {free // 2**20} MB free, less than the "
+        f"{needed // 2**20} MB that {workers} decoding workers need: decoding in the main process "
+        "(in Docker, run with --shm-size=1g, or use a smaller --batch-size)",
+        stacklevel=2,
+    )
+    return 0
+
+
 def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
@@ -336,6 +373,7 @@ def scan(
     copies = censor_to if isinstance(censor_to, CopyFolder | None) else CopyFolder(censor_to)
     if copies is not None:
         copies.check(inputs)
+    workers = decoding_workers(workers, batch_size, scorer.preprocess.config.input_size)
     settings = _Settings(batch_size, workers, max_frames or None, copies, copy_clean, model)
     processes = state.num_processes if state is not None else 1
     started = time.perf_counter()
