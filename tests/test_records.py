@@ -528,8 +528,12 @@ def test_a_second_writer_in_the_same_process_is_refused(tmp_path, suffix):
 
 WRITER = textwrap.dedent(
     """
-    import json, multiprocessing, sys, time
+    import json, multiprocessing, os, sys, time
     from nsfw_guard.records import RecordFile
+
+    def worker_running():  # runs after the fork handlers did
+        print(os.getpid(), flush=True)
+        time.sleep(60)
 
     output, how, first, then = sys.argv[1:]
     with RecordFile(output) as file:
@@ -539,9 +543,8 @@ WRITER = textwrap.dedent(
             sys.stdin.readline()
         else:
             if how == "fork":  # a DataLoader worker, say, that outlives the scan a while
-                worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+                worker = multiprocessing.get_context("fork").Process(target=worker_running)
                 worker.start()
-                print(worker.pid, flush=True)
             time.sleep(60)
         file.write(json.loads(then))
     print("closed", flush=True)
@@ -606,7 +609,7 @@ def test_the_lock_is_not_held_by_forked_children(tmp_path):
                 RecordFile(output)
             writer.send_signal(signal.SIGKILL)
             writer.wait()
-            os.kill(worker, 0)  # still alive, with a copy of the lock file open
+            os.kill(worker, 0)  # still alive, forked while the lock was held
             with RecordFile(output, keep=read_quietly(output)) as file:
                 file.write(batch("b"))
         finally:
