@@ -15,6 +15,7 @@ _EXPORTS = {
     "NSFWDetector": ".detector",
     "Prediction": ".detector",
     "NSFWLevel": ".levels",
+    "EarlyStop": ".early_stop",
     "NSFWSafetyChecker": ".safety_checker",
     "Guard": ".pipelines",
     "GuardError": ".pipelines",
@@ -29,6 +30,7 @@ __all__ = [*_EXPORTS, "DEFAULT_MODEL", "__version__"]
 if TYPE_CHECKING:
     from .detector import NSFWDetector as NSFWDetector
     from .detector import Prediction as Prediction
+    from .early_stop import EarlyStop as EarlyStop
     from .levels import NSFWLevel as NSFWLevel
     from .pipelines import Guard as Guard
     from .pipelines import GuardError as GuardError

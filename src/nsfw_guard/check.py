@@ -100,9 +100,14 @@ class CheckStep(nn.Module):
         return output.images, output.flags, output.scores
 
     def run(
-        self, images: Tensor, value_range: str = "-1,1", flagged_range: str = "unit"
+        self,
+        images: Tensor,
+        value_range: str = "-1,1",
+        flagged_range: str = "unit",
+        flag_all: bool = False,
     ) -> CheckOutput:
-        """Like ``forward``, with the ``verifiable`` mask as well."""
+        """Like ``forward``, with the ``verifiable`` mask as well; ``flag_all`` flags (and
+        censors) every image whatever its scores (a run stopped early)."""
         value_range = parse_value_range(value_range)
         if flagged_range not in FLAGGED_RANGES:
             raise ValueError(f"flagged_range={flagged_range!r}: expected one of {FLAGGED_RANGES}.")
@@ -110,6 +115,8 @@ class CheckStep(nn.Module):
         verdicts = self.verdicts(self.scorer.classify(pixels, verifiable), verifiable)
         device = images.device
         flags, verifiable = verdicts.flags.to(device), verdicts.verifiable.to(device)
+        if flag_all:
+            flags = torch.ones_like(flags)
         out = self.censor(images, flags, verifiable, value_range, flagged_range)
         return CheckOutput(out, flags, verdicts.scores.to(device), verifiable)
 

@@ -50,7 +50,8 @@ class PipelineSupport:
     maps images to [0, 1] only for other output types (DeepFloyd IF, Kandinsky), else ``"auto"``
     (a pipeline's "pt" images are in [0, 1]). ``latent_output`` says whether
     ``output_type="latent"`` returns latents: pixel-space pipelines (DeepFloyd IF, DDPM) treat it
-    as any other value and return images, which are checked.
+    as any other value and return images, which are checked. ``interruptible`` says whether its
+    denoising loop reads ``self.interrupt`` and steps ``self.scheduler`` (early stop needs both).
     """
 
     refused: str | None
@@ -60,6 +61,7 @@ class PipelineSupport:
     pt_value_range: str
     latent_output: bool
     call_signature: inspect.Signature | None
+    interruptible: bool = False
 
     def output_type(self, pipe: DiffusionPipeline, args: tuple, kwargs: dict) -> Any:
         """The ``output_type`` of the call ``pipe(*args, **kwargs)``; ``None`` if it has none."""
@@ -110,6 +112,9 @@ def pipeline_support(cls: type[DiffusionPipeline]) -> PipelineSupport:
         # Without its source, "latent" is taken at its word (the output is not images).
         latent_output=call_tree is None or _compares_with(call_tree, "output_type", "latent"),
         call_signature=call_signature,
+        interruptible=call_tree is not None
+        and _reads(call_tree, "self", "interrupt")
+        and _reads(call_tree, "scheduler", "step"),
     )
 
 
@@ -165,6 +170,18 @@ def _unpacked_values(tree: ast.AST, owner: str, method: str) -> int | None:
             target = node.targets[0]
             return len(target.elts) if isinstance(target, ast.Tuple) else 1
     return None
+
+
+def _reads(tree: ast.AST, owner: str, attribute: str) -> bool:
+    """Whether ``tree`` reads ``owner.attribute`` (``owner`` a name, or an attribute's name:
+    ``self.scheduler.step`` reads ``scheduler.step``)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == attribute:
+            value = node.value
+            name = value.id if isinstance(value, ast.Name) else getattr(value, "attr", None)
+            if name == owner:
+                return True
+    return False
 
 
 def _compares_with(tree: ast.AST, name: str, value: str) -> bool:

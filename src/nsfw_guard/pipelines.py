@@ -30,7 +30,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -43,14 +43,25 @@ from transformers import CLIPImageProcessor
 
 from . import DEFAULT_MODEL, censor
 from .check import from_unit_range
+from .denoising import scheduler_family, x0_estimate
 from .detector import NSFWDetector
+from .early_stop import EarlyCheck, EarlyCheckOutput, EarlyStop, decoder_for
 from .levels import NSFWLevel, check_threshold, parse_check_level
 from .pipeline_outputs import locate_images
 from .pipeline_support import PipelineSupport, pipeline_support
 from .preprocess import to_unit_range
 from .safety_checker import NSFWSafetyChecker
 
-__all__ = ["ON_ERROR", "Guard", "GuardError", "GuardResult", "GuardWarning", "guard", "unguard"]
+__all__ = [
+    "ON_ERROR",
+    "Guard",
+    "GuardError",
+    "GuardResult",
+    "GuardWarning",
+    "SafePreviews",
+    "guard",
+    "unguard",
+]
 
 ON_ERROR = ("block", "raise")
 _WORST = (0.0, 1.0, 1.0, 1.0)
@@ -76,7 +87,9 @@ class GuardResult:
     scores, ``flagged`` whether the image was censored. ``reason`` says why an image was blocked
     without a verdict (NaN/Inf pixels, a failed check); those get the worst-case scores.
     ``original`` is the uncensored image (``[C, H, W]`` float in [0, 1], CPU), only with
-    ``keep_originals=True``.
+    ``keep_originals=True``. With early stop, ``early_scores`` maps each step checked while
+    denoising (0-based) to the scores of the image's x0 estimate there, and ``stopped_at`` is the
+    step after which the run was stopped (its images are flagged whatever the final check says).
     """
 
     level: NSFWLevel
@@ -84,14 +97,18 @@ class GuardResult:
     flagged: bool
     reason: str | None = None
     original: Tensor | None = None
+    stopped_at: int | None = None
+    early_scores: dict[int, dict[NSFWLevel, float]] = field(default_factory=dict)
 
 
 class _Call:
-    """One guarded pipeline call in progress: the results of the images checked so far."""
+    """One guarded pipeline call in progress: the results of the images checked so far, and
+    its checks while denoising."""
 
     def __init__(self, guard: Guard):
         self.guard = guard
         self.results: list[GuardResult] = []
+        self.denoising: _Denoising | None = None
 
 
 _ACTIVE_CALL: ContextVar[_Call | None] = ContextVar("nsfw_guard_active_call", default=None)
@@ -111,11 +128,13 @@ class Guard:
         checker: NSFWSafetyChecker,
         on_error: str,
         keep_originals: bool,
+        early_stop: EarlyStop | None = None,
     ):
         self.pipe = pipe
         self.checker = checker
         self.on_error = on_error
         self.keep_originals = keep_originals
+        self.early_stop = early_stop
         self.last: list[GuardResult] = []
         """One result per image of the last pipeline call (per frame for video); ``[]`` when it
         checked nothing or raised."""
@@ -207,11 +226,39 @@ class Guard:
     def _copy_to(self, pipe: DiffusionPipeline) -> Guard:
         """Give ``pipe``, a shallow copy of this guard's pipeline, a guard of its own."""
         self._undo_on(pipe)
-        copied = Guard(pipe, self.checker, self.on_error, self.keep_originals)
+        copied = Guard(pipe, self.checker, self.on_error, self.keep_originals, self.early_stop)
         copied._attach()
         return copied
 
     # Per call ------------------------------------------------------------------------------------
+
+    def previews(
+        self, show: Callable[[int, list], Any], every: int = 5, callback: Callable | None = None
+    ) -> SafePreviews:
+        """A ``callback_on_step_end`` for this guard's pipeline that, every ``every`` steps,
+        decodes the x0 estimate (with the early-stop decoder, else the pipeline's VAE), checks
+        it and calls ``show(step, images)`` with the censored previews (PIL images). ``callback``
+        is your own ``callback_on_step_end``, called after it.
+
+        Example:
+            >>> import tempfile
+            >>> from nsfw_guard.testing import make_checkpoint, make_tiny_pipeline
+            >>> pipe = make_tiny_pipeline("sd")
+            >>> g = guard(pipe, model=make_checkpoint(tempfile.mkdtemp()))
+            >>> shown = []
+            >>> previews = g.previews(lambda step, images: shown.append(step), every=2)
+            >>> out = pipe("a prompt", num_inference_steps=4, callback_on_step_end=previews)
+            >>> shown
+            [1, 3]
+        """
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"previews(every={every!r}): expected a whole number of steps >= 1")
+        if not callable(show) or (callback is not None and not callable(callback)):
+            raise TypeError("previews(show, callback=...) takes functions")
+        reason = self._denoising_refusal()
+        if reason:
+            raise ValueError(f"nsfw-guard cannot make previews here: {reason}.")
+        return SafePreviews(self, show, every, callback)
 
     def _call(self, call: Callable, args: tuple, kwargs: dict) -> Any:
         """Run the pipeline call: ``last`` gets exactly its images' results, ``[]`` if it raised."""
@@ -219,13 +266,39 @@ class Guard:
         token = _ACTIVE_CALL.set(state)
         self.last = []
         try:
-            output = call(self.pipe, *args, **kwargs)
+            if self.early_stop is not None or isinstance(
+                kwargs.get("callback_on_step_end"), SafePreviews
+            ):
+                state.denoising = _Denoising.attach(self)
+            try:
+                output = call(self.pipe, *args, **kwargs)
+            finally:
+                if state.denoising is not None:
+                    state.denoising.detach()
             output_type = self.support.output_type(self.pipe, args, kwargs)
             output = self._check_output(output, output_type, state)
+            if state.denoising is not None:
+                state.results = state.denoising.annotate(state.results)
         finally:
             _ACTIVE_CALL.reset(token)
         self.last = state.results
         return output
+
+    def _denoising_refusal(self) -> str | None:
+        """Why the pipeline cannot be checked while denoising, in a few words; ``None``: it can."""
+        pipe, name = self.pipe, _base_class(type(self.pipe)).__name__
+        if not self.support.interruptible:
+            return f"{name}'s denoising loop has no interrupt (self.interrupt) to stop it with"
+        if hasattr(pipe, "_pack_latents") or "video_processor" in pipe.__dict__:
+            return f"{name}'s latents are not [B, C, h, w] images (packed, or video)"
+        try:
+            scheduler_family(getattr(pipe, "scheduler", None))
+        except ValueError as error:
+            return str(error)
+        decoder = self.early_stop.decoder if self.early_stop is not None else None
+        if decoder_for(pipe, decoder) is None:
+            return f"{name} has no vae to decode latents with; pass EarlyStop(decoder=...)"
+        return None
 
     def _check_output(self, output: Any, output_type: Any, state: _Call) -> Any:
         """Check the images of ``output`` that were not checked on their way out."""
@@ -296,9 +369,12 @@ class Guard:
     ) -> tuple[Tensor, list[GuardResult]]:
         """Check a batch; fail closed. The only host transfer is the verdicts, at the end."""
         count = images.shape[0]
+        state = _ACTIVE_CALL.get()
+        denoising = state.denoising if state is not None and state.guard is self else None
+        stopped = denoising.stopped if denoising is not None else None
         try:
             self._place_checker(torch.device(device) if device is not None else images.device)
-            output = self.checker.check(images, value_range, flagged_range)
+            output = self.checker.check(images, value_range, flagged_range, flag_all=bool(stopped))
             verdicts = torch.cat(
                 [output.scores, output.flags[:, None].float(), output.verifiable[:, None].float()],
                 dim=1,
@@ -328,7 +404,7 @@ class Guard:
                 level=NSFWLevel.parse(sum(score >= self.threshold for score in row[1:4])),
                 scores=dict(zip(NSFWLevel, row[:4], strict=True)),
                 flagged=bool(row[4]),
-                reason=None if row[5] else reason,
+                reason=(None if row[5] else reason) or stopped,
                 original=originals[i] if originals is not None else None,
             )
             for i, row in enumerate(verdicts)
@@ -370,6 +446,7 @@ def guard(
     blur_radius: float = censor.DEFAULT_BLUR_RADIUS,
     pixelate_block_size: int | None = None,
     fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    early_stop: bool | EarlyStop = False,
 ) -> Guard:
     """Check every image ``pipe`` generates; censor those at or above ``level`` with ``action``.
 
@@ -381,6 +458,9 @@ def guard(
     ``on_error="block"`` blanks and flags images whose check raised, with a warning;
     ``"raise"`` re-raises. Guarding a guarded pipeline replaces its guard. Pipelines that return
     no images (audio, embeddings, depth) are refused with a ValueError saying why.
+    ``early_stop`` (``True`` or an :class:`EarlyStop`) checks the images while they are denoised
+    and stops runs whose every image is already clearly flagged (see :class:`EarlyStop`);
+    pipelines whose loop cannot be stopped are refused with a ValueError saying why.
 
     Example:
         >>> import tempfile
@@ -413,8 +493,18 @@ def guard(
         checker = NSFWSafetyChecker.from_loaded(model.checkpoint, **settings)
     else:
         checker = NSFWSafetyChecker.from_pretrained(model or DEFAULT_MODEL, **settings)
+    if early_stop is True:
+        early_stop = EarlyStop()
+    elif early_stop is False or early_stop is None:
+        early_stop = None
+    elif not isinstance(early_stop, EarlyStop):
+        raise TypeError(f"early_stop={early_stop!r}: expected True, False or an EarlyStop(...)")
+    attached = Guard(pipe, checker, on_error, bool(keep_originals), early_stop)
+    if early_stop is not None:
+        refused = attached._denoising_refusal()
+        if refused:
+            raise ValueError(f"nsfw-guard cannot stop {base.__name__} early: {refused}.")
     unguard(pipe)
-    attached = Guard(pipe, checker, on_error, bool(keep_originals))
     attached._attach()
     return attached
 
@@ -438,6 +528,166 @@ def unguard(pipe: DiffusionPipeline) -> None:
         existing._undo_on(pipe)
     else:
         pipe.__class__ = _base_class(type(pipe))
+
+
+# Checks while denoising ------------------------------------------------------------------------
+
+
+class _Denoising:
+    """One call's checks while denoising: wraps its scheduler's ``step`` for the call, keeps the
+    last step's x0 estimate, runs the early checks and interrupts the run when they say so."""
+
+    def __init__(self, guard: Guard, scheduler: Any, check: EarlyCheck):
+        self.guard = guard
+        self.scheduler = scheduler
+        self.check = check
+        self.steps_done = 0
+        self.total: int | None = None
+        self.checks_at: dict[int, float] = {}
+        self.stopped: str | None = None
+        self.stopped_at: int | None = None
+        self.early: dict[int, Tensor] = {}  # step -> [B, 4] scores, read at the end of the call
+        self._last: tuple[int, Tensor] | None = None  # (step, x0)
+        self._checked: tuple[int, EarlyCheckOutput] | None = None
+        self._failed = False
+        self._own_step: Callable | None = None
+
+    @classmethod
+    def attach(cls, guard: Guard) -> _Denoising | None:
+        """Wrap the pipeline's scheduler for this call; ``None`` (with a warning) where the
+        pipeline cannot be checked while denoising any more (its scheduler was swapped...)."""
+        refused = guard._denoising_refusal()
+        if refused:
+            _warn(f"nsfw-guard: no checks while denoising in this call: {refused}.")
+            return None
+        early = guard.early_stop
+        decoder = decoder_for(guard.pipe, early.decoder if early is not None else None)
+        device = _execution_device(guard.pipe, guard.checker)
+        if early is not None and early.decoder is not None:  # the pipeline places its own VAE
+            early.decoder.to(device)
+        guard._place_checker(device)
+        step = guard.checker.check_step
+        check = EarlyCheck(decoder, step, early.threshold if early is not None else 1.0)
+        denoising = cls(guard, guard.pipe.scheduler, check)
+        denoising._own_step = denoising.scheduler.__dict__.get("step")  # the user's, if any
+        denoising.scheduler.__dict__["step"] = denoising._step
+        return denoising
+
+    def detach(self) -> None:
+        """Give the scheduler back its own ``step``."""
+        if self.scheduler.__dict__.get("step") == self._step:
+            if self._own_step is None:
+                del self.scheduler.__dict__["step"]
+            else:
+                self.scheduler.__dict__["step"] = self._own_step
+
+    def _step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs) -> Any:
+        scheduler = self.scheduler
+        step = self._own_step or functools.partial(type(scheduler).step, scheduler)
+        output = step(model_output, timestep, sample, *args, **kwargs)
+        step = self.steps_done
+        self.steps_done += 1
+        if self.total is None:
+            self.total = int(
+                getattr(self.guard.pipe, "_num_timesteps", 0) or len(scheduler.timesteps)
+            )
+            early = self.guard.early_stop
+            self.checks_at = early.steps(self.total) if early is not None else {}
+        index = getattr(scheduler, "step_index", None)
+        try:
+            x0 = x0_estimate(
+                scheduler,
+                model_output,
+                timestep,
+                sample,
+                None if index is None else index - 1,
+                output,
+            )
+        except Exception as error:  # never stops the run: the final check still guards it
+            self._fail(error)
+            return output
+        self._last = (step, x0)
+        if step in self.checks_at and self.stopped is None:
+            checked = self.checked(step)
+            if checked is not None:
+                self.early[step] = checked.scores
+                if bool(checked.stop):  # the one value read back, at the steps `at` asks for
+                    self.stopped_at = step
+                    self.stopped = f"stopped early at step {step + 1} of {self.total}"
+                    self.guard.pipe._interrupt = True
+        return output
+
+    def checked(self, step: int) -> EarlyCheckOutput | None:
+        """The early check of the x0 estimate of ``step`` (run once per step); ``None`` if that
+        step's estimate is not at hand or the check failed."""
+        if self._checked is not None and self._checked[0] == step:
+            return self._checked[1]
+        if self._last is None or self._last[0] != step or self._failed:
+            return None
+        try:
+            with torch.inference_mode():
+                result = self.check(self._last[1])
+        except Exception as error:
+            self._fail(error)
+            return None
+        self._checked = (step, result)
+        return result
+
+    def _fail(self, error: Exception) -> None:
+        if not self._failed:
+            self._failed = True
+            _warn(
+                f"nsfw-guard: the check while denoising failed ({type(error).__name__}: {error}); "
+                "this call runs to the end, and its images get the final check."
+            )
+
+    def annotate(self, results: list[GuardResult]) -> list[GuardResult]:
+        """The call's results with their early scores and where the run stopped (one host
+        transfer for all early scores)."""
+        early = {step: scores.tolist() for step, scores in self.early.items()}
+        annotated = []
+        for i, result in enumerate(results):
+            per_step = {
+                step: dict(zip(NSFWLevel, rows[i], strict=True))
+                for step, rows in early.items()
+                if i < len(rows)
+            }
+            annotated.append(replace(result, stopped_at=self.stopped_at, early_scores=per_step))
+        return annotated
+
+
+class SafePreviews:
+    """A ``callback_on_step_end`` that shows censored previews; made by :meth:`Guard.previews`."""
+
+    def __init__(
+        self, guard: Guard, show: Callable[[int, list], Any], every: int, callback: Callable | None
+    ):
+        self.guard = guard
+        self.show = show
+        self.every = every
+        self.callback = callback
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        state = _ACTIVE_CALL.get()
+        if state is None or state.guard is not self.guard:
+            raise GuardError(
+                "nsfw-guard: these previews belong to another pipeline's guard; make them with "
+                "g.previews(...) of the guard of the pipeline you call."
+            )
+        if state.denoising is not None and (step + 1) % self.every == 0:
+            checked = state.denoising.checked(state.denoising.steps_done - 1)
+            if checked is not None:  # never an unchecked preview
+                self.show(step, _to_pil(checked.previews))
+        if self.callback is not None:
+            return self.callback(pipe, step, timestep, callback_kwargs)
+        return {}
+
+
+def _to_pil(images: Tensor) -> list:
+    from PIL import Image
+
+    array = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(image) for image in array]
 
 
 # The guarded classes ---------------------------------------------------------------------------

@@ -237,10 +237,14 @@ class NSFWSafetyChecker(PreTrainedModel):
 
     @torch.inference_mode()
     def check(
-        self, images: Tensor, value_range: str = "-1,1", flagged_range: str = "unit"
+        self,
+        images: Tensor,
+        value_range: str = "-1,1",
+        flagged_range: str = "unit",
+        flag_all: bool = False,
     ) -> CheckOutput:
         """Run the in-graph check step on ``images`` (see :class:`nsfw_guard.check.CheckStep`)."""
-        return self.check_step.run(images, value_range, flagged_range)
+        return self.check_step.run(images, value_range, flagged_range, flag_all)
 
     def forward(self, images: Tensor | np.ndarray, clip_input: Any = None):
         """diffusers' safety-checker call: ``(images, [flagged, ...])``; ``clip_input`` is unused.

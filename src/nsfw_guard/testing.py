@@ -16,7 +16,13 @@ from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 from .levels import NSFWLevel
 from .model import ARCHITECTURE, LABELS, quiet_transformers
 
-__all__ = ["ARCHITECTURE", "TINY_MODEL_ARGS", "make_checkpoint", "make_tiny_pipeline"]
+__all__ = [
+    "ARCHITECTURE",
+    "TINY_MODEL_ARGS",
+    "make_checkpoint",
+    "make_tiny_decoder",
+    "make_tiny_pipeline",
+]
 
 PRETRAINED_TAG = "mim_in22k_ft_in22k_in1k"
 TINY_MODEL_ARGS = {"depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -180,6 +186,28 @@ def make_tiny_pipeline(
     pipe = pipeline_class(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def make_tiny_decoder(latent_channels: int = 4, seed: int = 0):
+    """A random-weight ``diffusers.AutoencoderTiny`` (the TAESD architecture), a few hundred
+    parameters: it decodes ``[B, latent_channels, h, w]`` latents to ``[B, 3, 2h, 2w]`` images.
+
+    Example:
+        >>> make_tiny_decoder().decode(torch.randn(1, 4, 8, 8)).sample.shape
+        torch.Size([1, 3, 16, 16])
+    """
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            num_encoder_blocks=(1, 1),
+            num_decoder_blocks=(1, 1),
+            latent_channels=latent_channels,
+        )
+    return decoder.eval()
 
 
 def _tiny_tokenizer(folder: Path):
