@@ -267,3 +267,10 @@ def test_the_early_check_step_exports_with_no_host_sync(level_checkpoints):
     expected = check(latents)
     assert torch.equal(stop, expected.stop) and bool(stop)
     assert torch.allclose(scores, expected.scores) and torch.allclose(previews, expected.previews)
+
+
+def test_stop_false_records_the_early_scores_and_never_stops(sd, level_checkpoints):
+    g = guard(sd, model=level_checkpoints["high"], early_stop=EarlyStop(threshold=0.0, stop=False))
+    _, calls = _run(sd, sd.unet, **PROMPT)
+    assert calls == STEPS and g.last[0].stopped_at is None
+    assert sorted(g.last[0].early_scores) == [2, 4, 6] and g.last[0].reason is None

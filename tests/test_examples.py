@@ -63,3 +63,13 @@ def test_generate_script_writes_censored_pngs_with_the_verdict(level_checkpoints
         assert verdict["level"] == "high" and verdict["flagged"] is True
         assert verdict["scores"]["high"] > 0.99 and verdict["action"] == "blank"
     assert len(result.stdout.splitlines()) == 4 and "FLAGGED" in result.stdout
+
+
+def test_readme_early_stop_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(_readme_block("Offline, with a tiny pipeline and a classifier forced to"), namespace)
+    result = namespace["g"].last[0]
+    assert result.reason == "stopped early at step 3 of 10" and result.stopped_at == 2
+    assert namespace["shown"] == [0, 1, 2]
+    assert namespace["out"].nsfw_content_detected == [True]

@@ -25,6 +25,7 @@ def test_quickstart_notebook_runs_offline(monkeypatch):
     assert "Falling back to a random-weight checkpoint" in text
     assert "nsfw_content_detected: [True, True]" in text
     assert "exit code: 0" in text
+    assert "stopped early at step 3 of 10 | stopped_at: 2" in text
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
-    assert len(images) == 3  # scores, censor actions, guarded vs unguarded
+    assert len(images) == 4  # scores, censor actions, guarded vs unguarded, stopped early

@@ -30,7 +30,9 @@ class EarlyStop:
     At each fraction ``at`` of the denoising steps, the guard decodes the x0 estimate (with
     ``decoder``, e.g. a diffusers ``AutoencoderTiny``; ``None``: the pipeline's own VAE) and
     classifies it. When every image of the batch scores ``>= threshold`` at the guard's level,
-    the rest of the denoising is skipped and the output is censored.
+    the rest of the denoising is skipped and the output is censored. ``stop=False`` only records
+    the early scores (``GuardResult.early_scores``), to see how early verdicts agree with final
+    ones before trusting them to stop runs.
 
     Example:
         >>> EarlyStop(at=(0.5,), threshold=0.9).steps(30)
@@ -42,6 +44,7 @@ class EarlyStop:
     at: Sequence[float] = (0.3, 0.5, 0.7)
     threshold: float = 0.8
     decoder: nn.Module | None = None
+    stop: bool = True
 
     def __post_init__(self) -> None:
         at = (self.at,) if isinstance(self.at, int | float) else tuple(self.at)

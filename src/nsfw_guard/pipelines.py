@@ -611,7 +611,8 @@ class _Denoising:
             checked = self.checked(step)
             if checked is not None:
                 self.early[step] = checked.scores
-                if bool(checked.stop):  # the one value read back, at the steps `at` asks for
+                stopping = self.guard.early_stop is not None and self.guard.early_stop.stop
+                if stopping and bool(checked.stop):  # the one value read back, at `at` steps
                     self.stopped_at = step
                     self.stopped = f"stopped early at step {step + 1} of {self.total}"
                     self.guard.pipe._interrupt = True

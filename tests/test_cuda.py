@@ -1,0 +1,116 @@
+"""On a CUDA device: the check steps read nothing back to the host, the guard and early stop keep
+their promises on the GPU, and the GPU's verdicts equal the CPU's. Skipped without CUDA (CI has
+none); run on a GPU machine with ``pytest tests/test_cuda.py``."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nsfw_guard import EarlyStop, NSFWDetector, guard
+from nsfw_guard.check import CheckStep
+from nsfw_guard.early_stop import EarlyCheck, LatentDecoder
+from nsfw_guard.model import load_model
+from nsfw_guard.scoring import NSFWScorer
+from nsfw_guard.testing import make_tiny_decoder, make_tiny_pipeline
+
+from .conftest import PHOTO_PATHS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = torch.device("cuda")
+
+
+class _NoSync:
+    """Inside, any host sync on the GPU raises (torch's sync debug mode)."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _step(checkpoint, **settings) -> CheckStep:
+    loaded = load_model(checkpoint, device=CUDA)
+    return CheckStep(NSFWScorer(loaded.model, loaded.data_config), **settings)
+
+
+def test_the_check_step_reads_nothing_back(sharp_checkpoint):
+    step = _step(sharp_checkpoint, action="blur")
+    images = torch.rand(4, 3, 512, 512, device=CUDA, dtype=torch.float16) * 2 - 1
+    images[1, :, :8] = float("nan")
+    step.run(images)  # warm up: cuDNN and cuBLAS pick their kernels
+    with torch.inference_mode(), _NoSync():
+        output = step.run(images, "-1,1", "unit")
+    assert output.images.device.type == "cuda" and not bool(output.verifiable[1])
+
+
+def test_the_early_check_reads_nothing_back(level_checkpoints):
+    check = EarlyCheck(
+        LatentDecoder(make_tiny_decoder().to(CUDA)), _step(level_checkpoints["high"]), 0.8
+    )
+    latents = torch.randn(2, 4, 32, 32, device=CUDA)
+    check(latents)
+    with torch.inference_mode(), _NoSync():
+        output = check(latents)
+    assert bool(output.stop)
+
+
+def test_early_stop_on_the_gpu(level_checkpoints):
+    torch.backends.cudnn.deterministic = True
+    pipe = make_tiny_pipeline("sd").to(CUDA)
+    calls = []
+    pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+
+    def run():
+        calls.clear()
+        generator = torch.Generator(CUDA).manual_seed(0)
+        output = pipe("a photo", num_inference_steps=10, output_type="np", generator=generator)
+        return output, len(calls)
+
+    early = EarlyStop(decoder=make_tiny_decoder(), threshold=0.5)
+    g = guard(pipe, model=level_checkpoints["high"], action="blank", early_stop=early)
+    output, count = run()
+    assert count == 3 and (output.images == 0).all() and g.last[0].stopped_at == 2
+    assert next(early.decoder.parameters()).device.type == "cuda"
+    guard(pipe, model=level_checkpoints["neutral"])
+    plain, plain_count = run()
+    guard(pipe, model=level_checkpoints["neutral"], early_stop=early)
+    same, same_count = run()
+    assert same_count == plain_count == 10 and np.array_equal(same.images, plain.images)
+
+
+def test_a_half_precision_pipeline_is_guarded_on_the_gpu(level_checkpoints):
+    pipe = make_tiny_pipeline("sdxl").to(CUDA, torch.float16)
+    g = guard(pipe, model=level_checkpoints["high"], action="blank")
+    output = pipe("a photo", num_inference_steps=2, output_type="pt")
+    assert output.images.device.type == "cuda" and output.images.dtype == torch.float16
+    assert (output.images == 0).all() and g.last[0].flagged
+    assert g.checker.dtype == torch.bfloat16  # the classifier's own dtype on CUDA
+
+
+def test_gpu_scores_equal_cpu_scores(sharp_checkpoint, rgb_photos):
+    cpu = NSFWDetector.from_pretrained(sharp_checkpoint, device="cpu", dtype=torch.float32)
+    gpu = NSFWDetector.from_pretrained(sharp_checkpoint, device="cuda", dtype=torch.float32)
+    difference = (gpu.predict_proba(rgb_photos).cpu() - cpu.predict_proba(rgb_photos)).abs()
+    assert float(difference.max()) < 2e-3
+
+
+def test_scan_on_the_gpu_gives_the_cpus_records(sharp_checkpoint, tmp_path):
+    records = {}
+    for device in ("cpu", "cuda"):
+        output = tmp_path / f"{device}.jsonl"
+        command = [sys.executable, "-m", "nsfw_guard", "scan", str(PHOTO_PATHS[0].parent)]
+        command += ["--model", str(sharp_checkpoint), "--device", device, "--dtype", "float32"]
+        command += ["--output", str(output), "--quiet"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode in (0, 1), done.stderr
+        records[device] = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records["cuda"]) == len(PHOTO_PATHS)
+    for cpu, gpu in zip(records["cpu"], records["cuda"], strict=True):
+        assert cpu["path"] == gpu["path"]
+        assert all(abs(cpu[k] - gpu[k]) < 2e-3 for k in ("neutral", "low", "medium", "high"))
