@@ -13,9 +13,9 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers, timm; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)"
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     "tests/test_denoising.py::test_the_estimate_on_the_gpu_reads_nothing_back" 2>&1 | tee "$OUT/tests.log"
 cd benchmarks
-timeout 240 python3 bench_gpu.py --output "$OUT/gpu.json" 2>&1 | grep -v "kept in float32" | tee "$OUT/bench_gpu.log"
-timeout 240 python3 bench_early_stop.py --output "$OUT/early-stop.json" 2>&1 \
+timeout 150 python3 bench_gpu.py --output "$OUT/gpu.json" 2>&1 | grep -v "kept in float32" | tee "$OUT/bench_gpu.log"
+timeout 150 python3 bench_early_stop.py --output "$OUT/early-stop.json" 2>&1 \
     | grep -v "kept in float32" | tee "$OUT/bench_early_stop.log"
