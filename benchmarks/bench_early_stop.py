@@ -84,7 +84,7 @@ def bench_cost(
 ):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded = load_model(checker, device=device)
-    step = CheckStep(NSFWScorer(loaded.model, loaded.data_config))
+    step = CheckStep(NSFWScorer(loaded.model, loaded.data_config)).to(device)
     rows = []
     for name in names:
         size = resolution or (SIZES[name][2] if device.type == "cuda" else 512)

@@ -179,10 +179,11 @@ def _worst_frames(
         0, owners, scores[:, 0], reduce="amin", include_self=False
     )
     worst = torch.cat([least_neutral[:, None], worst[:, 1:]], dim=1)
-    ok = verifiable.new_ones(count).scatter_reduce(
-        0, owners, verifiable, reduce="amin", include_self=False
+    # In uint8: CUDA has no scatter-reduce for bool.
+    ok = torch.ones(count, dtype=torch.uint8, device=verifiable.device).scatter_reduce(
+        0, owners, verifiable.to(torch.uint8), reduce="amin", include_self=False
     )
-    return worst, ok
+    return worst, ok.bool()
 
 
 def from_unit_range(unit: Tensor, like: Tensor, value_range: str) -> Tensor:

@@ -126,9 +126,9 @@ def x0_coefficients(
         sigma = sigma * alpha
     else:  # vp_timestep
         alphas_cumprod = scheduler.alphas_cumprod
-        if torch.is_tensor(timestep):
-            alphas_cumprod = alphas_cumprod.to(timestep.device)
-            abar = alphas_cumprod[timestep.long().reshape(())]
+        if torch.is_tensor(timestep):  # indexed where the timestep is: no read-back
+            alphas_cumprod = _on(alphas_cumprod, timestep.device)
+            abar = alphas_cumprod.gather(0, timestep.long().reshape(1))[0]  # no index check
         else:
             abar = float(alphas_cumprod[int(timestep)])
         alpha, sigma = abar**0.5, (1 - abar) ** 0.5
@@ -177,6 +177,15 @@ def _predicted_by_step(step_output: Any) -> Tensor | None:
         if torch.is_tensor(value):
             return value
     return None
+
+
+def _on(values: Tensor, device: torch.device) -> Tensor:
+    """``values`` on ``device``; to CUDA through pinned memory, so the copy does not wait."""
+    if values.device == device:
+        return values
+    if device.type == "cuda" and values.device.type == "cpu":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def _scalar(values: Tensor, index: int | None) -> Tensor | float:
