@@ -30,3 +30,35 @@ def test_readme_holds_the_latest_run_all_tables():
     rendered = [run_all.render(json.loads(path.read_text())).strip() for path in results]
     assert block in rendered
     assert "| size" in block and "| checkpoint" in block
+
+
+def test_early_stop_benchmark_calls_and_efficacy_modes_run_on_cpu(tmp_path):
+    """The calls rows count real denoiser calls; the efficacy mode runs end to end on tiny
+    random models (its numbers mean nothing there; the mechanics are what is tested)."""
+    script = str(BENCHMARKS / "bench_early_stop.py")
+    calls = tmp_path / "calls.json"
+    done = subprocess.run(
+        [sys.executable, script, "--skip-cost", "--output", str(calls)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(calls.read_text())["calls"]
+    assert [(r["at"], r["denoiser_calls"]) for r in rows] == [
+        (0.1, 3),
+        (0.3, 9),
+        (0.5, 15),
+        (0.7, 21),
+    ]
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na red car\na beach\n")
+    efficacy = tmp_path / "efficacy.json"
+    command = [sys.executable, script, "--efficacy", "--prompts", str(prompts), "--steps", "6"]
+    done = subprocess.run([*command, "--output", str(efficacy)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(efficacy.read_text())
+    assert [p["prompt"] for p in results["per_prompt"]] == ["a cat", "a red car", "a beach"]
+    assert [r["step"] for r in results["efficacy"]] == [1, 2, 3]  # 30, 50, 70 % of 6 steps
+    assert all(len(p["early"]) == 3 for p in results["per_prompt"])
+    assert "precision" in done.stdout and "recall" in done.stdout
