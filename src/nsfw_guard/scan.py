@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 from . import censor
 from .check import CheckStep
 from .copies import CopyFolder
-from .decode import decode_image, read_file
+from .decode import read_file
 from .levels import NSFWLevel
+from .prepared import check_prepared, prepare_bytes
 from .preprocess import DataConfig, Preprocess
 from .records import RECORD_FIELDS, RecordFile, part_path, part_paths, read_records, record_key
 from .scoring import NSFWScorer
@@ -241,22 +242,9 @@ class _DecodedImages(Dataset):
             return item
         try:
             data = read_file(source.path)
-            decoded = decode_image(
-                data, max_frames=self.max_frames, target_size=min(self.data_config.input_size)
-            )
-            prepared = [self._preprocess(f.pixels, f.value_range) for f in decoded.frames]
-            item.update(
-                pixels=torch.cat([pixels for pixels, _ in prepared]),
-                verifiable=torch.cat([verifiable for _, verifiable in prepared]),
-                width=decoded.width,
-                height=decoded.height,
-                frames=decoded.frame_count,
-                complete=decoded.all_frames_checked,
-                # The exact bytes checked, for the copies (a tensor travels in shared memory).
-                data=torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                if self.keep_data and data
-                else None,
-            )
+            item["image"] = prepare_bytes(data, self._preprocess, max_frames=self.max_frames)
+            if self.keep_data:  # the exact bytes checked, for the copies (via shared memory)
+                item["data"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         except Exception as error:  # a bad file never stops a scan
             item["error"] = f"{type(error).__name__}: {error}".strip()
         return item
@@ -609,14 +597,6 @@ def _write_copy(
         record["error"] = f"copy not written: {type(error).__name__}: {error}"
 
 
-def _concat(tensors: list[torch.Tensor], pinned: bool) -> torch.Tensor:
-    """``torch.cat``, into page-locked memory when ``pinned`` so the copy to the GPU is async."""
-    if not pinned:
-        return torch.cat(tensors)
-    shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
-    return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))
-
-
 def _check_batch(
     items: list[dict[str, Any]],
     inputs: Sequence[ScanInput],
@@ -624,44 +604,26 @@ def _check_batch(
     device: torch.device,
     settings: _Settings,
 ) -> list[dict[str, Any]]:
-    """Records for one batch: its frames classified in chunks of ``batch_size``, then each
-    image's verdict from its worst frame, with one host transfer."""
+    """Records for one batch (:func:`~nsfw_guard.prepared.check_prepared`: one host transfer)."""
     decoded = [item for item in items if item["error"] is None]
-    rows: list[list[float]] = []
-    if decoded:
-        pixels = _concat([item["pixels"] for item in decoded], pinned=device.type == "cuda")
-        verifiable = torch.cat([item["verifiable"] for item in decoded])
-        counts = torch.tensor([item["pixels"].shape[0] for item in decoded])
-        owners = torch.repeat_interleave(torch.arange(len(decoded)), counts).to(device)
-        with torch.inference_mode():
-            scores = []
-            for start in range(0, pixels.shape[0], settings.batch_size):
-                chunk = slice(start, start + settings.batch_size)
-                frames = pixels[chunk].to(device, non_blocking=True)
-                scores.append(step.scorer.classify(frames, verifiable[chunk].to(device)))
-            verdicts = step.verdicts(torch.cat(scores), verifiable.to(device), owners, len(decoded))
-            table = torch.cat(
-                [verdicts.scores, verdicts.levels[:, None], verdicts.flags[:, None]], dim=1
-            )
-            rows = table.tolist()  # the one host transfer of the batch
-
-    records, row_iter = [], iter(rows)
+    verdicts = iter(check_prepared([item["image"] for item in decoded], step, settings.batch_size))
+    records = []
     for item in items:
         source = inputs[item["index"]]
         if item["error"] is not None:
             records.append(_record(source, error=item["error"]))
             continue
-        *scores, level, flagged = next(row_iter)
+        verdict, image = next(verdicts), item["image"]
         records.append(
             _record(
                 source,
-                **dict(zip(("neutral", "low", "medium", "high"), scores, strict=True)),
-                level=NSFWLevel.parse(int(level)).value,
-                flagged=bool(flagged),
-                width=item["width"],
-                height=item["height"],
-                frames=item["frames"],
-                frames_checked=item["pixels"].shape[0],
+                **dict(zip(("neutral", "low", "medium", "high"), verdict.scores, strict=True)),
+                level=verdict.level.value,
+                flagged=verdict.flagged,
+                width=image.width,
+                height=image.height,
+                frames=image.frame_count,
+                frames_checked=image.pixels.shape[0],
                 model=settings.model,
             )
         )
