@@ -76,8 +76,9 @@ def prepare_bytes(
 
 
 def prepare_array(array: np.ndarray | Tensor, preprocess: Preprocess) -> Prepared:
-    """Preprocess one decoded image: ``[H, W]``, ``[H, W, C]`` (C = 1-4, alpha composited),
-    uint8 (0-255) or float (0-1), as ``ray.data.read_images`` or PIL give them.
+    """Preprocess one decoded image: ``[H, W]``, ``[H, W, C]`` (C = 1-4, alpha composited) or
+    ``[C, H, W]`` (C = 1, 3 or 4, W > 4), uint8 (0-255) or float (0-1), as
+    ``ray.data.read_images`` or PIL give them.
 
     Example:
         >>> from nsfw_guard.preprocess import DataConfig
@@ -85,9 +86,11 @@ def prepare_array(array: np.ndarray | Tensor, preprocess: Preprocess) -> Prepare
         >>> prepare_array(np.zeros((30, 40, 3), np.uint8), Preprocess(config)).pixels.shape
         torch.Size([1, 3, 448, 448])
     """
-    tensor = torch.as_tensor(np.asarray(array)) if not torch.is_tensor(array) else array
+    tensor = array if torch.is_tensor(array) else torch.tensor(np.asarray(array))  # a copy
     if tensor.ndim == 2:
         tensor = tensor[:, :, None]
+    elif tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4) and tensor.shape[-1] > 4:
+        tensor = tensor.permute(1, 2, 0)  # channels first (Ray keeps gray images as [1, H, W])
     if tensor.ndim != 3 or not 1 <= tensor.shape[-1] <= 4 or min(tensor.shape[:2]) < 1:
         raise ValueError(
             f"an image array of shape {tuple(tensor.shape)}: expected [H, W] or [H, W, C] "

@@ -1,0 +1,145 @@
+"""NSFWClassifier in ``map_batches`` on a real local Ray cluster (2 CPUs), over the test photos
+read three ways: ``read_images``, ``read_webdataset`` on a shard written here, ``read_parquet``.
+Its scores equal NSFWDetector's on the same images; a corrupt row becomes an error row."""
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from nsfw_guard import NSFWDetector
+from nsfw_guard.ray import OUTPUT_COLUMNS, NSFWClassifier
+
+from .conftest import PHOTO_PATHS
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(sharp_checkpoint) -> dict[str, np.ndarray]:
+    """NSFWDetector's scores of each photo, by file name."""
+    detector = NSFWDetector.from_pretrained(sharp_checkpoint, device="cpu", dtype=torch.float32)
+    scores = {}
+    for path in PHOTO_PATHS:
+        with Image.open(path) as image:
+            scores[path.name] = detector.scores([image]).numpy()[0]
+    return scores
+
+
+def _classify(dataset, checkpoint, **kwargs):
+    kwargs = {"model": str(checkpoint), "device": "cpu", "dtype": "float32", **kwargs}
+    checked = dataset.map_batches(
+        NSFWClassifier, fn_constructor_kwargs=kwargs, batch_size=3, concurrency=1
+    )
+    return checked.take_all()
+
+
+def _scores(row) -> np.ndarray:
+    return np.array([row[name] for name in OUTPUT_COLUMNS[:4]], dtype=np.float32)
+
+
+def test_read_images(cluster, sharp_checkpoint, expected):
+    folder = PHOTO_PATHS[0].parent
+    rows = _classify(ray.data.read_images(str(folder), include_paths=True), sharp_checkpoint)
+    assert sorted(row["path"].rsplit("/", 1)[-1] for row in rows) == sorted(expected)
+    for row in rows:
+        name = row["path"].rsplit("/", 1)[-1]
+        assert np.allclose(_scores(row), expected[name], atol=1e-4), name
+        assert row["nsfw_error"] is None and row["image"].ndim in (2, 3)  # kept
+        assert row["nsfw_level"] in ("neutral", "low", "medium", "high")
+        assert row["nsfw_flagged"] == (row["nsfw_medium"] >= 0.5)
+
+
+def test_read_webdataset_with_a_corrupt_row(cluster, sharp_checkpoint, expected, tmp_path):
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, path in enumerate(PHOTO_PATHS):
+            _add(tar, f"{i:04d}.jpg", path.read_bytes())
+            _add(tar, f"{i:04d}.txt", path.name.encode())
+        _add(tar, "9999.jpg", b"\xff\xd8 not really a jpeg")
+        _add(tar, "9999.txt", b"corrupt")
+    rows = _classify(ray.data.read_webdataset(str(shard), decoder=None), sharp_checkpoint)
+    assert len(rows) == len(PHOTO_PATHS) + 1
+    for row in rows:
+        name = row["txt"].decode()
+        if name == "corrupt":
+            assert row["nsfw_error"].startswith("UnidentifiedImageError")
+            assert row["nsfw_flagged"] and row["nsfw_level"] == "high"
+            assert _scores(row).tolist() == [0.0, 1.0, 1.0, 1.0]
+        else:
+            assert row["nsfw_error"] is None
+            assert np.allclose(_scores(row), expected[name], atol=1e-4), name
+
+
+def test_read_parquet_binary_and_struct_columns(cluster, sharp_checkpoint, expected, tmp_path):
+    table = pa.table(
+        {
+            "name": [path.name for path in PHOTO_PATHS] + ["missing"],
+            "data": [path.read_bytes() for path in PHOTO_PATHS] + [None],
+        }
+    )
+    pq.write_table(table, tmp_path / "images.parquet")
+    dataset = ray.data.read_parquet(str(tmp_path / "images.parquet"))
+    rows = _classify(dataset, sharp_checkpoint, image_column="data")
+    assert len(rows) == len(PHOTO_PATHS) + 1
+    for row in rows:
+        if row["name"] == "missing":
+            assert (
+                row["nsfw_error"]
+                == "TypeError: nothing where an image (bytes or an array) was expected"
+            )
+            assert row["nsfw_flagged"]
+        else:
+            assert np.allclose(_scores(row), expected[row["name"]], atol=1e-4), row["name"]
+
+
+def test_a_wrong_column_is_a_clear_error(sharp_checkpoint):
+    classifier = NSFWClassifier(str(sharp_checkpoint), device="cpu", image_column="img")
+    with pytest.raises(KeyError, match=r"no column 'img' in the batch; it has 'image'"):
+        classifier({"image": np.zeros((1, 8, 8, 3), np.uint8)})
+    with pytest.raises(KeyError, match=r"no image column in the batch \('caption'\)"):
+        NSFWClassifier(str(sharp_checkpoint), device="cpu")({"caption": np.array(["a"])})
+
+
+def test_the_classifier_on_a_plain_batch_keeps_every_column(sharp_checkpoint, expected):
+    """Without Ray: a dict of numpy arrays in, the same dict plus the verdict columns out; a
+    Hugging Face image struct, an RGBA array and a float array are images too."""
+    photo = PHOTO_PATHS[0]
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    batch = {
+        "image": np.array(
+            [{"bytes": photo.read_bytes()}, rgba, np.ones((20, 30, 3), np.float32), "a path"],
+            dtype=object,
+        ),
+        "id": np.arange(4),
+    }
+    out = NSFWClassifier(str(sharp_checkpoint), device="cpu", dtype=torch.float32)(batch)
+    assert list(out) == ["image", "id", *OUTPUT_COLUMNS]
+    assert out["id"].tolist() == [0, 1, 2, 3]
+    assert np.allclose(
+        _scores({k: out[k][0] for k in OUTPUT_COLUMNS}), expected[photo.name], atol=1e-4
+    )
+    assert out["nsfw_error"][:3].tolist() == [None, None, None]
+    assert (
+        out["nsfw_error"][3] == "TypeError: a str where an image (bytes or an array) was expected"
+    )
+    assert out["nsfw_neutral"].dtype == np.float32 and out["nsfw_flagged"].dtype == bool
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
