@@ -111,3 +111,15 @@ def test_console_script_and_module_entry_points():
             [sys.executable, "-m", "nsfw_guard", command, "--help"], capture_output=True, text=True
         )
         assert result.returncode == 0 and "Examples:" in result.stdout
+
+
+def test_warnings_are_lines_and_libraries_deprecations_are_not_shown(capsys):
+    import warnings
+
+    from nsfw_guard.cli import _warnings_as_lines
+
+    with _warnings_as_lines():
+        warnings.warn("`torch.jit.interface` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("old API", DeprecationWarning, stacklevel=1)
+        warnings.warn("2 record lines skipped", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == "nsfw-guard: warning: 2 record lines skipped\n"

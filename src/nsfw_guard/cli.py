@@ -389,6 +389,9 @@ def _warnings_as_lines() -> Iterator[None]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
+        # Libraries' notes to their developers (torch, timm, ...), not to a user of the command.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         warnings.showwarning = show
         yield
 

@@ -547,7 +547,7 @@ class _Denoising:
         self.stopped: str | None = None
         self.stopped_at: int | None = None
         self.early: dict[int, Tensor] = {}  # step -> [B, 4] scores, read at the end of the call
-        self._last: tuple[int, Tensor] | None = None  # (step, x0)
+        self._last: tuple[int, tuple] | None = None  # (step, what its x0 estimate needs)
         self._checked: tuple[int, EarlyCheckOutput] | None = None
         self._failed = False
         self._own_step: Callable | None = None
@@ -594,19 +594,11 @@ class _Denoising:
             early = self.guard.early_stop
             self.checks_at = early.steps(self.total) if early is not None else {}
         index = getattr(scheduler, "step_index", None)
-        try:
-            x0 = x0_estimate(
-                scheduler,
-                model_output,
-                timestep,
-                sample,
-                None if index is None else index - 1,
-                output,
-            )
-        except Exception as error:  # never stops the run: the final check still guards it
-            self._fail(error)
-            return output
-        self._last = (step, x0)
+        # What the x0 estimate of this step needs; computed only if a check asks for it.
+        self._last = (
+            step,
+            (model_output, timestep, sample, None if index is None else index - 1, output),
+        )
         if step in self.checks_at and self.stopped is None:
             checked = self.checked(step)
             if checked is not None:
@@ -627,7 +619,9 @@ class _Denoising:
             return None
         try:
             with torch.inference_mode():
-                result = self.check(self._last[1])
+                model_output, timestep, sample, index, output = self._last[1]
+                x0 = x0_estimate(self.scheduler, model_output, timestep, sample, index, output)
+                result = self.check(x0)
         except Exception as error:
             self._fail(error)
             return None
