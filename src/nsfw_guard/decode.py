@@ -33,6 +33,7 @@ __all__ = [
     "NotARegularFile",
     "decode_file",
     "decode_image",
+    "file_kind",
     "iter_frames",
     "read_file",
 ]
@@ -132,8 +133,17 @@ def read_file(path: str | os.PathLike) -> bytes:
 def _check_regular(status: os.stat_result, path: str | os.PathLike) -> None:
     if stat.S_ISREG(status.st_mode):
         return
-    kind = next((kind for test, kind in _KINDS if test(status.st_mode)), "a special file")
-    raise NotARegularFile(f"{os.fsdecode(path)}: {kind}, not a regular file")
+    raise NotARegularFile(f"{os.fsdecode(path)}: {file_kind(status.st_mode)}, not a regular file")
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words, from its ``st_mode``.
+
+    Example:
+        >>> file_kind(os.stat("tests").st_mode)
+        'a folder'
+    """
+    return next((kind for test, kind in _KINDS if test(mode)), "a special file")
 
 
 def decode_image(

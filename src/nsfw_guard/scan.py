@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import censor
 from .check import CheckStep
 from .copies import CopyFolder
-from .decode import read_file
+from .decode import file_kind, read_file
 from .levels import NSFWLevel
 from .prepared import check_prepared, prepare_bytes
 from .preprocess import DataConfig, Preprocess
@@ -199,14 +199,8 @@ def _scan_input(path: Path, relative: Path, error: str | None) -> ScanInput:
     except OSError:  # a broken link or a loop: reading it will say what is wrong
         return ScanInput(path, relative, realpath, -1, -1.0, error)
     if error is None and not stat.S_ISREG(info.st_mode):
-        error = f"NotARegularFile: {_kind(info.st_mode)}, not a regular file: skipped"
+        error = f"NotARegularFile: {file_kind(info.st_mode)}, not a regular file: skipped"
     return ScanInput(path, relative, realpath, info.st_size, info.st_mtime, error)
-
-
-def _kind(mode: int) -> str:
-    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")]
-    kinds += [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 # Decoding (in DataLoader workers) ----------------------------------------------------------------
