@@ -1,12 +1,15 @@
-"""Ray benchmark: images/s of ``NSFWClassifier`` on Ray Data against the local ``scan`` engine,
-on the same JPEGs, and Ray's actor scaling (1 vs 2 actors).
+"""Ray benchmark: images/s of the local ``scan`` engine, of ``NSFWClassifier`` on Ray Data and
+of ``scan``'s Ray engine (``nsfw-guard scan --engine ray``), on the same JPEGs, and Ray's actor
+scaling (1 vs 2 actors).
 
     python benchmarks/bench_ray.py                     # 200 images, tiny and full-size checkpoints
     python benchmarks/bench_ray.py --sizes tiny --images 50
+    python benchmarks/bench_ray.py --sizes full --runs engine
 
-Both engines read the files' bytes and run the same decode and check step. The Ray time runs
-from building the dataset to the last row, so it includes starting the actors (each loads the
-model); the local time includes its DataLoader workers' start. On a 2-core machine two actors
+All read the files' bytes and run the same decode and check step. The Ray times run from
+building the dataset to the last row (the engine's: to the last record written), so they include
+starting the actors (each loads the model); the local time includes its DataLoader workers'
+start. On a 2-core machine two actors
 share the two cores with the model's own threads: the scaling row shows the overhead more than
 any gain; on a machine with more cores (or GPUs, ``num_gpus=1`` per actor) it is where Ray earns
 its place.
@@ -67,7 +70,7 @@ def on_ray(folder: Path, checkpoint: str, dtype: torch.dtype, actors: int) -> fl
         NSFWClassifier,
         fn_constructor_kwargs={**kwargs, "image_column": "bytes"},
         batch_size=16,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=0.5,  # two actors holding both CPUs would leave the read tasks none: a hang
     )
     rows = dataset.select_columns(["nsfw_error"]).take_all()
@@ -76,10 +79,31 @@ def on_ray(folder: Path, checkpoint: str, dtype: torch.dtype, actors: int) -> fl
     return len(rows) / seconds
 
 
+def ray_engine(folder: Path, checkpoint: str, dtype: torch.dtype, actors: int) -> float:
+    from nsfw_guard.ray import RayEngine
+
+    engine = RayEngine(
+        checkpoint, device="cpu", dtype=str(dtype).removeprefix("torch."), actors=actors
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = find_images([folder])
+        started = time.perf_counter()
+        summary = scan(inputs, None, Path(tmp) / "r.jsonl", engine=engine, quiet=True)
+        seconds = time.perf_counter() - started
+    assert summary.scanned == len(inputs) and not summary.errors
+    return len(inputs) / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "full"], choices=["tiny", "full"])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["local", "classifier", "engine"],
+        choices=["local", "classifier", "engine"],
+    )
     parser.add_argument("--output", type=Path, help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args()
     import ray
@@ -92,24 +116,25 @@ def main() -> None:
         }
         # The local engine first: its DataLoader workers fork, and a process that runs Ray's
         # threads must not fork.
-        rows = [
-            {
-                "checkpoint": size,
-                "dtype": str(dtype).removeprefix("torch."),
-                "images": args.images,
-                "local_images_per_s": local(folder, checkpoint, dtype, workers=1),
-            }
-            for size, checkpoint in checkpoints.items()
-        ]
+        rows = []
+        for size, checkpoint in checkpoints.items():
+            row = {"checkpoint": size, "dtype": str(dtype).removeprefix("torch.")}
+            row["images"] = args.images
+            if "local" in args.runs:
+                row["local_images_per_s"] = local(folder, checkpoint, dtype, workers=1)
+            rows.append(row)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         for row, checkpoint in zip(rows, checkpoints.values(), strict=True):
-            row["ray_1_actor_images_per_s"] = on_ray(folder, checkpoint, dtype, actors=1)
-            row["ray_2_actors_images_per_s"] = on_ray(folder, checkpoint, dtype, actors=2)
-            row["ray_vs_local"] = row["ray_1_actor_images_per_s"] / row["local_images_per_s"]
+            for actors in (1, 2):
+                name = f"{actors}_actor{'s' if actors > 1 else ''}_images_per_s"
+                if "classifier" in args.runs:
+                    row[f"classifier_{name}"] = on_ray(folder, checkpoint, dtype, actors)
+                if "engine" in args.runs:
+                    row[f"engine_{name}"] = ray_engine(folder, checkpoint, dtype, actors)
         ray.shutdown()
     results = {"machine": machine(), "ray": rows}
-    print_table("Ray Data (NSFWClassifier) vs local scan, same JPEGs, images/s", rows)
+    print_table("local scan vs Ray (NSFWClassifier, scan --engine ray), same JPEGs, images/s", rows)
     print(f"\nwrote {write_json('bench_ray', results, args.output)}")
 
 

@@ -58,7 +58,10 @@ def test_check_reports_unreadable_files_and_goes_on(level_checkpoints, tmp_path,
         (["scan", "tests/data", "--output", "tests"], "--output tests is a folder"),
         (["scan", "tests/data", "--output", "no/dir/r.jsonl"], "the folder no/dir does not exist"),
         (["scan", "tests/data", "--censor-to", "README.md"], "a file, not a folder"),
-        (["scan", "tests/data", "--output", "tests/data/astronaut.jpg"], "is an image name"),
+        (
+            ["scan", "tests/data", "--output", "tests/data/astronaut.jpg"],
+            "is an image or shard name",
+        ),
         (["scan", "tests/data", "--max-frames", "-1"], "--max-frames -1: expected 0"),
     ],
 )

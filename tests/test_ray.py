@@ -1,9 +1,18 @@
 """NSFWClassifier in ``map_batches`` on a real local Ray cluster (2 CPUs), over the test photos
 read three ways: ``read_images``, ``read_webdataset`` on a shard written here, ``read_parquet``.
-Its scores equal NSFWDetector's on the same images; a corrupt row becomes an error row."""
+Its scores equal NSFWDetector's on the same images; a corrupt row becomes an error row.
 
+``nsfw-guard scan --engine ray`` gives the local engine's records on the same inputs (files, tar
+shards, a truncated one, parquet), and a killed one resumes."""
+
+import contextlib
 import io
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -14,9 +23,13 @@ import torch
 from PIL import Image
 
 from nsfw_guard import NSFWDetector
+from nsfw_guard.cli import EXIT_FILE_ERRORS, EXIT_OK, main
 from nsfw_guard.ray import OUTPUT_COLUMNS, NSFWClassifier
+from nsfw_guard.records import read_records
 
 from .conftest import PHOTO_PATHS
+from .test_scan_promises import _descendants, _running
+from .test_shards import write_shard
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +55,10 @@ def expected(sharp_checkpoint) -> dict[str, np.ndarray]:
 def _classify(dataset, checkpoint, **kwargs):
     kwargs = {"model": str(checkpoint), "device": "cpu", "dtype": "float32", **kwargs}
     checked = dataset.map_batches(
-        NSFWClassifier, fn_constructor_kwargs=kwargs, batch_size=3, concurrency=1
+        NSFWClassifier,
+        fn_constructor_kwargs=kwargs,
+        batch_size=3,
+        compute=ray.data.ActorPoolStrategy(size=1),
     )
     return checked.take_all()
 
@@ -143,3 +159,87 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+# nsfw-guard scan --engine ray ---------------------------------------------------------------------
+
+
+def _scan(*args) -> int:
+    return main(["scan", "--device", "cpu", "--workers", "0", "--quiet", *map(str, args)])
+
+
+def _by_input(records: list[dict]) -> dict[tuple, dict]:
+    return {(r["path"], r["member"]): r for r in records}
+
+
+def test_scan_engine_ray_gives_the_local_records(cluster, sharp_checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for photo in PHOTO_PATHS[:2]:
+        (inputs / photo.name).write_bytes(photo.read_bytes())
+    (inputs / "broken.png").write_bytes(b"\x89PNG not really")
+    write_shard(inputs / "a.tar", PHOTO_PATHS[2:5], {"9999.jpg": b"\xff\xd8 damaged"})
+    whole = write_shard(tmp_path / "b.tar", PHOTO_PATHS[5:]).read_bytes()
+    (inputs / "cut.tar").write_bytes(whole[: len(whole) // 2])  # a truncated download
+    data = [photo.read_bytes() for photo in PHOTO_PATHS[:3]]
+    pq.write_table(pa.table({"jpg": [*data, None]}), inputs / "c.parquet")
+    options = ["--model", sharp_checkpoint, "--batch-size", 2]
+
+    local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    assert _scan(inputs, *options, "--output", local) == EXIT_FILE_ERRORS
+    assert _scan(inputs, *options, "--output", on_ray, "--engine", "ray") == EXIT_FILE_ERRORS
+    expected, got = _by_input(read_records(local)), _by_input(read_records(on_ray))
+    assert len(got) == len(read_records(on_ray)) == len(expected) >= 12
+    assert got.keys() == expected.keys()
+    for key, record in expected.items():
+        for name in ("neutral", "low", "medium", "high"):
+            if record[name] is not None:
+                assert got[key][name] == pytest.approx(record[name], abs=1e-4), key
+        assert {**got[key], **{n: record[n] for n in ("neutral", "low", "medium", "high")}} == (
+            record
+        )
+    assert got[(str(inputs / "cut.tar"), None)]["error"].startswith("ShardError: truncated")
+    assert got[(str(inputs / "a.tar"), "9999.jpg")]["error"].startswith("UnidentifiedImage")
+
+
+def test_a_killed_ray_scan_resumes(cluster, sharp_checkpoint, tmp_path, capsys):
+    """A scan on its own local cluster, killed (SIGKILL, with its Ray processes) mid-way: the
+    records written are kept, and --resume scans exactly the rest."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(120):
+        pixels = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        images.append((f"{i:04d}.png", buffer.getvalue()))
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in images:
+            _add(tar, name, data)
+    output = tmp_path / "r.jsonl"
+    options = ["--model", sharp_checkpoint, "--batch-size", 1, "--output", output]
+    command = [sys.executable, "-m", "nsfw_guard", "scan", shard, "--engine", "ray"]
+    command += ["--device", "cpu", "--quiet", *options]
+    process = subprocess.Popen(list(map(str, command)), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if output.is_file() and output.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    processes = [process.pid, *_descendants(process.pid)]
+    for pid in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    while any(_running(pid) for pid in processes[1:]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done = len(read_records(output))
+    assert 5 <= done < len(images), "the scan was not killed mid-way"
+
+    code = main(
+        ["scan", str(shard), "--engine", "ray", "--device", "cpu", "--resume", *map(str, options)]
+    )
+    assert code == EXIT_OK
+    assert f"{done} already done" in capsys.readouterr().err
+    records = read_records(output)
+    assert sorted(r["member"] for r in records) == [name for name, _ in images]

@@ -119,7 +119,7 @@ def test_output_that_names_an_image_an_input_or_the_copies_is_refused(
     before = _tree(photos)
     model = level_checkpoints["neutral"]
     cases = [
-        (["--output", a, b], "is an image name"),  # a shell-glob slip
+        (["--output", a, b], "is an image or shard name"),  # a shell-glob slip
         (["--output", listing, listing], "is one of the inputs"),
         (["--output", tmp_path / "copies" / "r.jsonl", a, "--censor-to", tmp_path / "copies"], ""),
     ]
@@ -191,7 +191,8 @@ def test_copies_are_made_from_the_bytes_that_were_checked(level_checkpoints, tmp
     from nsfw_guard import NSFWDetector
     from nsfw_guard.check import CheckStep
     from nsfw_guard.copies import CopyFolder
-    from nsfw_guard.scan import _DecodedImages, _Settings, _write_copy, find_images
+    from nsfw_guard.levels import NSFWLevel
+    from nsfw_guard.scan import ScanSettings, _DecodedImages, _write_copy, find_images
 
     photo = _photo(tmp_path / "src" / "one.png", 0)
     checked = photo.read_bytes()
@@ -201,7 +202,7 @@ def test_copies_are_made_from_the_bytes_that_were_checked(level_checkpoints, tmp
     item = dataset[0]
     _photo(photo, 3)  # replaced after it was read and checked
     copies = CopyFolder(tmp_path / "copies")
-    settings = _Settings(1, 0, None, copies, copy_clean=True)
+    settings = ScanSettings(NSFWLevel.MEDIUM, 0.5, 1, 0, None, copies, copy_clean=True)
     record = {"flagged": False, "error": None, "frames": 1, "frames_checked": 1}
     _write_copy(inputs[0], record, item, CheckStep(detector.scorer), settings)
     assert (tmp_path / "copies" / "one.png").read_bytes() == checked != photo.read_bytes()

@@ -87,14 +87,18 @@ def _parser() -> argparse.ArgumentParser:
         "missing paths and unreadable folders get an error record and never stop the scan. "
         "Ctrl-C or SIGTERM stops after the batch in flight; --resume continues. Exit code: 0 "
         "done, 1 an image at or above --fail-on, 2 usage error, 3 done with file errors, 130 "
-        "stopped. Several processes: accelerate launch --multi_gpu --num_processes N -m "
-        "nsfw_guard scan ..., or torchrun.",
+        "stopped. Besides image files it reads the images in webdataset tar shards (brace "
+        "patterns such as 'shards/{00000..00099}.tar') and parquet files, one record each. "
+        "Several processes: accelerate launch --multi_gpu --num_processes N -m nsfw_guard scan "
+        "..., or torchrun; a Ray cluster: --engine ray.",
         epilog="Examples:\n"
         "  nsfw-guard scan photos/ --output results.jsonl\n"
         "  nsfw-guard scan a.png b/ --output results.csv --level high --threshold 0.7\n"
         "  nsfw-guard scan uploads/ --resume                  # continue an interrupted scan\n"
         "  nsfw-guard scan uploads/ --censor-to censored/ --action pixelate\n"
-        "  nsfw-guard scan dataset/ --fail-on medium --quiet  # a CI gate",
+        "  nsfw-guard scan dataset/ --fail-on medium --quiet  # a CI gate\n"
+        "  nsfw-guard scan 'shards/{00000..00099}.tar' --output results.parquet\n"
+        "  nsfw-guard scan data/*.parquet --image-column jpg --engine ray --address auto",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
@@ -115,7 +119,31 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=Path("results.jsonl"),
-        help="records: JSON lines, or CSV for a .csv name (default: results.jsonl)",
+        help="records: JSON lines, CSV for a .csv name, parquet for a .parquet name "
+        "(default: results.jsonl)",
+    )
+    scan.add_argument(
+        "--image-column",
+        metavar="NAME",
+        help="parquet files' image column: bytes, or {'bytes': ...} structs "
+        "(default: image, else jpg, png, webp, ...)",
+    )
+    scan.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine (default); ray: actors on a Ray cluster, which reads the "
+        "inputs at the same paths (a shared file system)",
+    )
+    scan.add_argument(
+        "--address",
+        help="with --engine ray: the cluster to join (auto, ray://HOST:10001); default: a "
+        "local cluster started for the scan",
+    )
+    scan.add_argument(
+        "--actors",
+        type=int,
+        help="with --engine ray: model replicas (default: one per GPU, or 1 on CPUs)",
     )
     scan.add_argument(
         "--resume", action="store_true", help="skip inputs already in --output, then append"
@@ -150,7 +178,24 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     _add_model_options(check)
     check.set_defaults(run=_run_check, command_parser=check)
+
     return parser
+
+
+def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import uvicorn
+
+    from .review import create_app
+
+    if not args.results.is_file():
+        parser.error(f"{args.results}: no such record file")
+    try:
+        app = create_app(args.results)
+    except ValueError as error:
+        parser.error(str(error))
+    _say(f"nsfw-guard: reviewing {_shown(str(args.results))} on http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +231,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_model_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold {args.threshold}: expected a number in [0, 1]")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: expected a positive integer")
+
+
 def _load_detector(
     args: argparse.Namespace, parser: argparse.ArgumentParser, device: Any = None
 ) -> NSFWDetector:
@@ -193,10 +245,7 @@ def _load_detector(
 
     from .detector import NSFWDetector
 
-    if not 0.0 <= args.threshold <= 1.0:
-        parser.error(f"--threshold {args.threshold}: expected a number in [0, 1]")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: expected a positive integer")
+    _check_model_options(args, parser)
     try:
         return NSFWDetector.from_pretrained(
             args.model,
@@ -221,12 +270,13 @@ def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     def show(records: list[dict[str, Any]]) -> None:
         for record in records:
+            where = _shown(record["path"] + (f":{record['member']}" if record["member"] else ""))
             if record["error"]:
-                _say(f"{_shown(record['path'])}\terror: {_shown(record['error'])}", sys.stdout)
+                _say(f"{where}\terror: {_shown(record['error'])}", sys.stdout)
                 continue
             scores = " ".join(f"{name}={record[name]:.4f}" for name in _SCORES)
             verdict = "FLAGGED" if record["flagged"] else "ok"
-            _say(f"{_shown(record['path'])}\t{record['level']}\t{scores}\t{verdict}", sys.stdout)
+            _say(f"{where}\t{record['level']}\t{scores}\t{verdict}", sys.stdout)
 
     detector = _load_detector(args, parser)
     summary = scan(
@@ -255,25 +305,50 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .copies import CopyConflict, CopyFolder
     from .records import RecordFileBusy
     from .scan import IMAGE_EXTENSIONS, find_images, scan
+    from .sources import is_shard
 
     _check_frames(args, parser)
     if args.workers < 0:
         parser.error(f"--workers {args.workers}: expected 0 or more")
+    ray_engine = args.engine == "ray"
+    for name in ("address", "actors"):
+        if getattr(args, name) is not None and not ray_engine:
+            parser.error(f"--{name} is for --engine ray")
+    if args.actors is not None and args.actors < 1:
+        parser.error(f"--actors {args.actors}: expected 1 or more")
+    if ray_engine and args.censor_to is not None:
+        parser.error("--censor-to writes copies on this machine: use it with --engine local")
     output = args.output
     if output.is_dir():
         parser.error(f"--output {output} is a folder; give a file name such as results.jsonl")
     if not output.parent.is_dir():
         parser.error(f"--output {output}: the folder {output.parent} does not exist")
-    if output.suffix.lower() in IMAGE_EXTENSIONS:
-        parser.error(f"--output {output} is an image name; records go to a .jsonl or .csv file")
+    if output.suffix.lower() in IMAGE_EXTENSIONS or output.suffix.lower() == ".tar":
+        parser.error(
+            f"--output {output} is an image or shard name; records go to a .jsonl, .csv or "
+            ".parquet file"
+        )
+    if output.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            parser.error("--output .parquet needs pyarrow: pip install 'nsfw-guard[parquet]'")
     if output.exists() and not output.is_file():
         parser.error(f"--output {output} is not a regular file (a device, a FIFO, ...)")
     try:
         copies = CopyFolder(args.censor_to) if args.censor_to is not None else None
-        inputs = find_images(args.paths, recursive=args.recursive, copies=copies)
+        inputs = find_images(
+            args.paths, recursive=args.recursive, copies=copies, image_column=args.image_column
+        )
         written = os.path.realpath(output)
         if any(item.realpath == written for item in inputs):
             parser.error(f"--output {output} is one of the inputs; records go to another file")
+        shard = next((item for item in inputs if is_shard(item)), None)
+        if copies is not None and shard is not None:
+            parser.error(
+                f"--censor-to copies image files; {_shown(str(shard.path))} is a shard, whose "
+                "images are not copied: scan shards without --censor-to"
+            )
         if copies is not None:
             if _inside(written, copies.folder):
                 parser.error(f"--output {output} is inside the --censor-to folder {copies.folder}")
@@ -281,15 +356,30 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except CopyConflict as error:
         parser.error(str(error))
 
-    state = _process_state(args.device)
-    detector = _load_detector(args, parser, device=state.device if args.device == "auto" else None)
+    if ray_engine:
+        from .ray import RayEngine
+
+        _check_model_options(args, parser)
+        state, scorer = None, None
+        engine = RayEngine(
+            args.model,
+            revision=args.revision,
+            device=None if args.device == "auto" else args.device,
+            dtype=None if args.dtype == "auto" else args.dtype,
+            address=args.address,
+            actors=args.actors,
+        )
+    else:
+        state, engine = _process_state(args.device), None
+        device = state.device if args.device == "auto" else None
+        scorer = _load_detector(args, parser, device=device).scorer
     if args.stop.is_set():  # Ctrl-C or SIGTERM while the model loaded
         _say("nsfw-guard: stopped before any image was scanned")
         return EXIT_INTERRUPTED
     try:
         summary = scan(
             inputs,
-            detector.scorer,
+            scorer,
             output,
             workers=args.workers,
             resume=args.resume,
@@ -299,6 +389,7 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             quiet=args.quiet,
             state=state,
             model=_model_name(args),
+            engine=engine,
             **_check_options(args),
         )
     except (RecordFileBusy, CopyConflict) as error:  # another scan came first
@@ -307,7 +398,7 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except OSError as error:  # the records or copies could not be written
         _say(f"nsfw-guard: error: could not write the records: {_shown(str(error))}")
         return EXIT_ERROR
-    if not state.is_main_process:
+    if state is not None and not state.is_main_process:
         return EXIT_OK
     if summary.interrupted:
         done = summary.skipped + summary.scanned

@@ -22,6 +22,7 @@ import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,6 +36,7 @@ __all__ = [
     "decode_image",
     "file_kind",
     "iter_frames",
+    "open_regular",
     "read_file",
 ]
 
@@ -116,18 +118,34 @@ def read_file(path: str | os.PathLike) -> bytes:
         >>> data[:2], len(data) == os.path.getsize("tests/data/astronaut.jpg")
         (b'\\xff\\xd8', True)
     """
+    with open_regular(path) as file:
+        return file.read()
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """The regular file at ``path`` opened for binary reading, with :func:`read_file`'s checks:
+    a FIFO, socket, device or folder raises :class:`NotARegularFile` and is never read.
+
+    Example:
+        >>> with open_regular("tests/data/astronaut.jpg") as file:
+        ...     file.read(2)
+        b'\\xff\\xd8'
+    """
     _check_regular(os.stat(path), path)  # special files are not even opened
     descriptor = os.open(path, _OPEN_FLAGS)
     try:
-        file = open(descriptor, "rb")  # noqa: SIM115 - closed by the with below
+        file = open(descriptor, "rb")  # noqa: SIM115 - the caller closes it
     except BaseException:
         os.close(descriptor)
         raise
-    with file:
+    try:
         _check_regular(os.fstat(descriptor), path)  # what was opened, if it was just replaced
         if _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
             os.set_blocking(descriptor, True)
-        return file.read()
+    except BaseException:
+        file.close()
+        raise
+    return file
 
 
 def _check_regular(status: os.stat_result, path: str | os.PathLike) -> None:

@@ -1,16 +1,27 @@
-"""Filter image datasets on Ray Data: :class:`NSFWClassifier` is a callable class for
-``ray.data.Dataset.map_batches`` (``pip install "nsfw-guard[ray]"``).
+"""Filter image datasets on Ray Data (``pip install "nsfw-guard[ray]"``).
 
-It runs the same decode (:mod:`nsfw_guard.decode`) and the same in-graph check step as ``scan``
-and the diffusers guard, so a verdict on Ray is the verdict anywhere else. Ray itself is not
-imported here: the class only needs the batches Ray hands it.
+- :class:`NSFWClassifier` is a callable class for ``ray.data.Dataset.map_batches``: it adds the
+  verdict columns to the batches of any Ray dataset (``read_images``, ``read_webdataset``,
+  ``read_parquet``, ...).
+- :class:`RayEngine` runs ``nsfw-guard scan --engine ray``: the scan's inputs (files, tar and
+  parquet shards) are checked by actors on a Ray cluster, while this process writes the same
+  records as the local engine, batch by batch, so ``--resume`` works the same.
+
+Both run the same decode (:mod:`nsfw_guard.decode`) and the same in-graph check step as
+``scan`` and the diffusers guard, so a verdict on Ray is the verdict anywhere else. Ray is
+imported only where a cluster is used: the classifier only needs the batches Ray hands it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Mapping
-from typing import Any
+import pickle
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,11 +31,13 @@ from .check import CheckStep
 from .detector import NSFWDetector
 from .levels import NSFWLevel
 from .prepared import Prepared, check_prepared, prepare_array, prepare_bytes
+from .sources import BYTES_COLUMNS, ScanInput
 
-__all__ = ["BYTES_COLUMNS", "OUTPUT_COLUMNS", "NSFWClassifier"]
+if TYPE_CHECKING:
+    from .records import RecordFile
+    from .scan import ScanSettings
 
-BYTES_COLUMNS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif")
-"""Columns taken as encoded images when no ``image_column`` is given (webdataset's extensions)."""
+__all__ = ["BYTES_COLUMNS", "OUTPUT_COLUMNS", "NSFWClassifier", "RayEngine"]
 OUTPUT_COLUMNS = (
     "nsfw_neutral",
     "nsfw_low",
@@ -144,3 +157,163 @@ class NSFWClassifier:
             return prepare_array(value, preprocess)
         what = "nothing" if value is None else f"a {type(value).__name__}"
         raise TypeError(f"{what} where an image (bytes or an array) was expected")
+
+
+# nsfw-guard scan --engine ray ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayEngine:
+    """Checks a scan's inputs on a Ray cluster (:func:`nsfw_guard.scan.scan`'s ``engine``).
+
+    ``address``: ``None`` starts a local cluster for the run (stopped at its end); ``"auto"``
+    or ``"ray://host:10001"`` joins a running one. The inputs travel as their paths (and
+    places in their shards): every node reads them itself, so they must be at the same paths
+    on every node (a shared file system). ``actors`` actors each load the model once: by
+    default one per GPU of the cluster, or one on CPUs. ``device`` ``None`` puts them on GPUs
+    where the cluster has some; ``"cpu"`` or ``"cuda"`` decides. Progress is Ray Data's.
+
+    Example:
+        >>> import tempfile
+        >>> from nsfw_guard.scan import find_images, scan
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> engine = RayEngine(make_checkpoint(tempfile.mkdtemp()), device="cpu")
+        >>> output = Path(tempfile.mkdtemp()) / "results.jsonl"
+        >>> inputs = find_images(["tests/data"])
+        >>> summary = scan(inputs, None, output, engine=engine)  # doctest: +SKIP
+    """
+
+    model: str | os.PathLike = DEFAULT_MODEL
+    revision: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    address: str | None = None
+    actors: int | None = None
+
+    def scan_part(
+        self,
+        inputs: Sequence[ScanInput],
+        records_file: RecordFile | None,
+        settings: ScanSettings,
+        show_progress: bool,
+        should_stop: Callable[[], bool] | None,
+        on_records: Callable[[list[dict[str, Any]]], None] | None,
+    ) -> list[dict[str, Any]]:
+        """Check ``inputs`` on the cluster; record each batch as it comes back (in any order)."""
+        import ray
+
+        with _cluster(self.address):
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = show_progress
+            if not show_progress:  # Ray Data's progress goes to its log too
+                logging.getLogger("ray.data").setLevel(logging.WARNING)
+            resources = ray.cluster_resources()
+            gpus = int(resources.get("GPU", 0))
+            on_gpu = (self.device is None and gpus > 0) or str(self.device or "").startswith("cuda")
+            actors = self.actors or (max(1, gpus) if on_gpu else 1)
+            cpus = max(1, int(resources.get("CPU", 1)) // actors)  # each actor's share, as threads
+            rows = [
+                # Absolute paths: an actor's working folder is not this one.
+                {"index": index, "input": pickle.dumps(replace(item, path=_absolute(item.path)))}
+                for index, item in enumerate(inputs)
+            ]
+            checked = ray.data.from_items(rows).map_batches(
+                _ScanActor,
+                fn_constructor_kwargs={
+                    "model": os.fspath(self.model),
+                    "revision": self.revision,
+                    "device": self.device or ("cuda" if on_gpu else "cpu"),
+                    "dtype": self.dtype,
+                    "settings": replace(settings, copies=None),
+                    "threads": 0 if on_gpu else cpus,
+                },
+                batch_size=settings.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_gpus=1 if on_gpu else 0,
+                # Logical CPUs: less than a whole one, so that Ray Data's own tasks always find room
+                # (actors holding every CPU starve them); the threads are set from ``cpus``.
+                num_cpus=0 if on_gpu else 0.5,
+            )
+            made: list[dict[str, Any]] = []
+            for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
+                records = []
+                for index, data in zip(batch["index"], batch["record"], strict=True):
+                    record = pickle.loads(data)
+                    record["path"] = str(inputs[int(index)].path)  # as the user gave it
+                    records.append(record)
+                if records_file is not None:
+                    records_file.write(records)
+                if on_records is not None:
+                    on_records(records)
+                made.extend(records)
+                if should_stop is not None and should_stop():
+                    break
+            return made
+
+
+@contextlib.contextmanager
+def _cluster(address: str | None) -> Iterator[None]:
+    """The Ray cluster this process uses: the one it is connected to already, else ``address``
+    (``None``: a local one, started here and stopped at the end)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(
+        address=address or "local",
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+class _ScanActor:
+    """One Ray actor of :class:`RayEngine`: loads the model once, then turns batches of pickled
+    :class:`~nsfw_guard.sources.ScanInput` into pickled records (``scan``'s own)."""
+
+    def __init__(
+        self,
+        model: str,
+        revision: str | None,
+        device: str,
+        dtype: str | None,
+        settings: ScanSettings,
+        threads: int,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        detector = NSFWDetector.from_pretrained(
+            model,
+            device=device,
+            dtype=getattr(torch, dtype) if dtype else None,
+            revision=revision,
+        )
+        self.step = CheckStep(
+            detector.scorer, level=settings.level, threshold=settings.threshold, action="none"
+        )
+        self.settings = settings
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        from .scan import check_items, decode_input
+
+        inputs = [pickle.loads(data) for data in batch["input"]]
+        preprocess = self.step.scorer.preprocess
+        items = [
+            decode_input(inputs, i, preprocess, self.settings.max_frames)
+            for i in range(len(inputs))
+        ]
+        records = check_items(items, inputs, self.step, self.settings)
+        return {
+            "index": np.asarray(batch["index"]),
+            "record": np.asarray([pickle.dumps(record) for record in records], dtype=object),
+        }

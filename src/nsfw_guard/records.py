@@ -1,4 +1,4 @@
-"""The scan's record file: one JSON line (or CSV row) per input, for any file name.
+r"""The scan's record file: one JSON line (or CSV row) per input, for any file name.
 
 A :class:`RecordFile` locks its output while a scan writes it (a second writer gets
 :class:`RecordFileBusy`), first replaces the file atomically with the records to keep, then
@@ -8,8 +8,13 @@ is skipped silently, any other line that is not a valid record is skipped with o
 :class:`RecordWarning` that says how many and where.
 
 The format follows the suffix: ``.csv`` is CSV with a header row (:data:`RECORD_FIELDS`),
-anything else JSON lines. Names that are not valid UTF-8 round-trip in both: JSON lines escape
-them (``ensure_ascii``), CSV files write their original bytes (``surrogateescape``).
+``.parquet`` a parquet table (needs ``pyarrow``), anything else JSON lines. Names that are not
+valid UTF-8 round-trip in JSON lines (escaped, ``ensure_ascii``) and CSV (their original bytes,
+``surrogateescape``); parquet holds UTF-8 text only, so such a name is written with its bad
+bytes as ``\xNN`` escapes (and scanned again by a ``--resume``). A parquet file cannot be
+appended to: while a scan runs, its records go to a hidden JSON lines file beside it
+(``.NAME.nsfw-guard.jsonl``), which becomes the parquet file when the scan ends and which
+:func:`read_records` reads instead while it is there (a killed scan's records).
 
 This module imports nothing heavy (no torch), so small tools can read records quickly.
 """
@@ -57,18 +62,25 @@ _ORIGINAL_FIELDS = (
     "bytes",
     "mtime",
 )
-RECORD_FIELDS: tuple[str, ...] = (*_ORIGINAL_FIELDS, "realpath", "frames_checked", "model")
+RECORD_FIELDS: tuple[str, ...] = (
+    *_ORIGINAL_FIELDS,
+    "realpath",
+    "frames_checked",
+    "model",
+    "member",
+)
 """One record per input, in this order. ``path`` is the input as the user gave it (for display);
 ``realpath`` (absolute, links resolved, at scan time), ``bytes`` and ``mtime`` identify the file
 version for ``--resume`` (see :func:`record_key`). ``frames`` is how many frames the file has,
 ``frames_checked`` how many were checked (an animation longer than ``--max-frames`` is
 sampled). ``model`` names the checkpoint that scored it, so a resume with another model scans
-it again. New fields are appended at the end (and given
+it again. ``member`` is the image inside a shard (a tar member's name, a parquet row number);
+``None`` for an image file. New fields are appended at the end (and given
 a kind in ``_KINDS``); record files written before them lack them, and read as ``None``."""
 
 _LEVELS = ("neutral", "low", "medium", "high")  # NSFWLevel's values (levels.py imports torch)
 _KINDS: dict[str, tuple[Any, str]] = {  # each field's JSON type, as said in a warning
-    **dict.fromkeys(("path", "realpath", "error", "model"), (str, "a string")),
+    **dict.fromkeys(("path", "realpath", "error", "model", "member"), (str, "a string")),
     **dict.fromkeys(("neutral", "low", "medium", "high", "mtime"), ((int, float), "a number")),
     **dict.fromkeys(("width", "height", "frames", "bytes", "frames_checked"), (int, "an integer")),
     "flagged": (bool, "true or false"),
@@ -100,8 +112,9 @@ class RecordFileBusy(OSError):
         return (type(self), (self.path, self.pid))
 
 
-def record_key(record: Mapping[str, Any]) -> tuple[str, int, float]:
-    """``(realpath, bytes, mtime)``: which version of which file a record is about.
+def record_key(record: Mapping[str, Any]) -> tuple[str, int, float, str | None]:
+    """``(realpath, bytes, mtime, member)``: which version of which file a record is about,
+    and which image inside it when the file is a shard.
 
     Records written before ``realpath`` existed have it ``None``; their ``path`` is then
     resolved against the current working folder, which is where a relative path pointed if
@@ -109,13 +122,13 @@ def record_key(record: Mapping[str, Any]) -> tuple[str, int, float]:
 
     Example:
         >>> record_key({"path": "a.jpg", "realpath": "/data/a.jpg", "bytes": 10, "mtime": 1.5})
-        ('/data/a.jpg', 10, 1.5)
+        ('/data/a.jpg', 10, 1.5, None)
         >>> record_key({"path": "a.jpg", "realpath": None, "bytes": 10, "mtime": 1})[0] == (
         ...     os.path.realpath("a.jpg"))
         True
     """
     realpath = record.get("realpath") or os.path.realpath(record["path"])
-    return (realpath, int(record["bytes"]), float(record["mtime"]))
+    return (realpath, int(record["bytes"]), float(record["mtime"]), record.get("member"))
 
 
 def part_path(output: str | os.PathLike, rank: int) -> Path:
@@ -264,10 +277,14 @@ def read_records(path: str | os.PathLike, *, warn: bool = True) -> list[dict[str
         /.../results.jsonl: skipped 1 line that is not a record: line 3 (not a JSON object)
     """
     path = Path(path)
+    if _is_parquet(path) and _working_path(path).is_file():  # a scan of it was killed
+        path = _working_path(path)
     if not path.is_file():
         return []
     bad: list[tuple[int, str]] = []
-    if _is_csv(path):
+    if _is_parquet(path):
+        records = list(_read_parquet(path, bad))
+    elif _is_csv(path):
         with path.open(encoding="utf-8", errors="surrogateescape", newline="") as file:
             records = list(_read_csv(file, bad))
     else:
@@ -275,9 +292,12 @@ def read_records(path: str | os.PathLike, *, warn: bool = True) -> list[dict[str
             records = list(_read_jsonl(file, bad))
     if bad and warn:
         count = len(bad)
-        shown = ", ".join(f"line {number} ({why})" for number, why in bad[:_SHOWN])
+        unit = "row" if _is_parquet(path) else "line"
+        shown = ", ".join(
+            f"{unit} {number} ({why})" if number else why for number, why in bad[:_SHOWN]
+        )
         more = f", and {count - _SHOWN} more" if count > _SHOWN else ""
-        lines = "line that is not a record" if count == 1 else "lines that are not records"
+        lines = f"{unit} that is not a record" if count == 1 else f"{unit}s that are not records"
         warnings.warn(
             f"{path}: skipped {count} {lines}: {shown}{more}", RecordWarning, stacklevel=2
         )
@@ -342,12 +362,11 @@ def _read_csv(file: IO[str], bad: list[tuple[int, str]]) -> Iterator[dict[str, A
     if pending is not None and header is not None:
         text = pending[2]
         # Written rows end with a line break outside quotes. A last row without one was cut by
-        # a kill, or lost only its line break: it is kept if it is still a whole record (the
-        # fields end with model, so a cut that leaves one can only have shortened that name,
-        # which at worst scans the file again on --resume).
-        if text.count('"') % 2 == 0:
-            ignored: list[tuple[int, str]] = []
-            record = _csv_record(header, *pending[:2], bad if text.endswith("\n") else ignored)
+        # a kill (or lost only its line break): it is skipped, since a cut in its last field
+        # (``member``) could leave a whole-looking row about another image; --resume scans
+        # that one input again.
+        if text.count('"') % 2 == 0 and text.endswith("\n"):
+            record = _csv_record(header, *pending[:2], bad)
             if record is not None:
                 yield record
 
@@ -369,6 +388,54 @@ def _is_csv(path: Path) -> bool:
     return path.suffix.lower() == ".csv"
 
 
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
+
+
+def _working_path(path: Path) -> Path:
+    """Where the records of a parquet output go while a scan writes them."""
+    return path.with_name(f"{_hidden_stem(path)}.nsfw-guard.jsonl")
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError(
+            "parquet records need pyarrow: pip install 'nsfw-guard[parquet]'"
+        ) from None
+    return pyarrow
+
+
+def _parquet_schema() -> Any:
+    pa = _pyarrow()
+    types = {str: pa.string(), int: pa.int64(), (int, float): pa.float64(), bool: pa.bool_()}
+    return pa.schema([(name, types[_KINDS[name][0]]) for name in RECORD_FIELDS])
+
+
+def _read_parquet(path: Path, bad: list[tuple[int, str]]) -> Iterator[dict[str, Any]]:
+    try:
+        rows = _pyarrow().parquet.read_table(path).to_pylist()
+    except ImportError:
+        raise
+    except Exception as error:  # not parquet, or damaged
+        bad.append((0, f"not a readable parquet file: {error}"))
+        return
+    for number, row in enumerate(rows, start=1):
+        try:
+            yield _checked(row)
+        except ValueError as error:
+            bad.append((number, str(error)))
+
+
+def _utf8(value: Any) -> Any:
+    """Text parquet can hold: a name's bytes that are not UTF-8 as ``\\xNN`` escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 # Writing ------------------------------------------------------------------------------------------
 
 
@@ -379,8 +446,10 @@ class RecordFile:
     :class:`RecordFileBusy` if another process holds it) and replaces the file atomically
     with the records in ``keep`` (``read_records(path)`` when resuming). :meth:`write` appends
     records and flushes them. The lock is released on :meth:`close`, or by the operating
-    system when the process dies. No file but ``path``, its lock file and a temporary file
-    next to it (``.NAME.PID.nsfw-guard.tmp``, renamed over ``path``) is ever touched.
+    system when the process dies. No file but ``path``, its lock file, temporary files next to
+    it (``.nsfw-guard-HASH-XXXX.tmp``, renamed over ``path``) and, for a parquet ``path``, its
+    working file (``.NAME.nsfw-guard.jsonl``, written as parquet on :meth:`close`) is ever
+    touched.
 
     Example:
         >>> import tempfile
@@ -399,6 +468,11 @@ class RecordFile:
     def __init__(self, path: str | os.PathLike, *, keep: Sequence[Mapping[str, Any]] = ()):
         self.path = Path(path)
         self.csv = _is_csv(self.path)
+        self.parquet = _is_parquet(self.path)
+        if self.parquet:
+            _pyarrow()  # before anything is written: a scan never ends without its records
+        # A parquet output is written in the end; its records go to a JSON lines file till then.
+        self._written = _working_path(self.path) if self.parquet else self.path
         self._file: IO[str] | None = None
         self._lock_path = self.path.with_name(f"{_hidden_stem(self.path)}.nsfw-guard.lock")
         if not self.path.parent.is_dir():
@@ -412,17 +486,22 @@ class RecordFile:
             self._lock = None
             raise
 
-    def _replace(self, records: list[dict[str, Any]]) -> IO[str]:
-        """Write ``records`` to a temporary file and rename it over the output; the open
-        temporary file becomes the output, to append to."""
-        folder = self.path.parent
-        # Named after the output (by hash: any name fits), created anew (never through a link).
-        prefix = f".nsfw-guard-{hashlib.sha256(os.fsencode(self.path.name)).hexdigest()[:16]}-"
-        for entry in os.listdir(folder):  # left by killed writers of this output (we hold the lock)
+    def _temporary(self, target: Path) -> tuple[int, Path]:
+        """A new temporary file beside ``target``, to rename over it; those of killed writers
+        of ``target`` are removed first (the lock is ours)."""
+        folder = target.parent
+        # Named after the target (by hash: any name fits), created anew (never through a link).
+        prefix = f".nsfw-guard-{hashlib.sha256(os.fsencode(target.name)).hexdigest()[:16]}-"
+        for entry in os.listdir(folder):
             if entry.startswith(prefix) and entry.endswith(".tmp"):
                 (folder / entry).unlink(missing_ok=True)
         descriptor, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
-        temporary = Path(name)
+        return descriptor, Path(name)
+
+    def _replace(self, records: list[dict[str, Any]]) -> IO[str]:
+        """Write ``records`` to a temporary file and rename it over the output; the open
+        temporary file becomes the output, to append to."""
+        descriptor, temporary = self._temporary(self._written)
         file = os.fdopen(
             descriptor,
             "w",
@@ -437,12 +516,35 @@ class RecordFile:
             os.fsync(file.fileno())  # data before rename: after a crash, the old or the new
             with contextlib.suppress(FileNotFoundError):  # keep the output's permissions
                 os.chmod(temporary, stat.S_IMODE(os.stat(self.path).st_mode))
-            os.replace(temporary, self.path)
+            os.replace(temporary, self._written)
         except BaseException:
             file.close()
             temporary.unlink(missing_ok=True)
             raise
         return file
+
+    def _write_parquet(self) -> None:
+        """The working file's records as the parquet output (atomically), then no working
+        file."""
+        pa = _pyarrow()
+        records = read_records(self._written, warn=False)
+        table = pa.Table.from_pylist(
+            [{name: _utf8(value) for name, value in record.items()} for record in records],
+            schema=_parquet_schema(),
+        )
+        descriptor, temporary = self._temporary(self.path)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                pa.parquet.write_table(table, file)
+                file.flush()
+                os.fsync(file.fileno())
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(temporary, stat.S_IMODE(os.stat(self.path).st_mode))
+            os.replace(temporary, self.path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        self._written.unlink()
 
     def _write_to(self, file: IO[str], records: list[dict[str, Any]]) -> None:
         if self.csv:
@@ -468,6 +570,8 @@ class RecordFile:
                 with self._file:
                     self._file.flush()
                     os.fsync(self._file.fileno())
+                if self.parquet:
+                    self._write_parquet()
         finally:
             self._file = None
             if self._lock is not None:

@@ -14,14 +14,13 @@ part file, and the main process merges them in input order.
 from __future__ import annotations
 
 import os
-import stat
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,66 +28,29 @@ from torch.utils.data import DataLoader, Dataset
 from . import censor
 from .check import CheckStep
 from .copies import CopyFolder
-from .decode import file_kind, read_file
-from .levels import NSFWLevel
+from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
 from .prepared import check_prepared, prepare_bytes
 from .preprocess import DataConfig, Preprocess
 from .records import RECORD_FIELDS, RecordFile, part_path, part_paths, read_records, record_key
 from .scoring import NSFWScorer
+from .sources import IMAGE_EXTENSIONS, ScanInput, find_images, read_input
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "RECORD_FIELDS",
+    "ScanEngine",
     "ScanInput",
+    "ScanSettings",
     "ScanSummary",
     "find_images",
     "read_records",
     "scan",
 ]
 
-IMAGE_EXTENSIONS = frozenset(
-    [
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".png",
-        ".apng",
-        ".webp",
-        ".gif",
-        ".bmp",
-        ".dib",
-        ".tif",
-        ".tiff",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".pnm",
-        ".tga",
-        ".ico",
-        ".avif",
-    ]
-)
 MAX_FRAMES = 16
 """Frames checked per animation by default: longer ones are sampled evenly, first and last
 included; ``0`` checks every frame. A clean animation with unchecked frames is never copied as
 clean."""
-
-
-@dataclass(frozen=True)
-class ScanInput:
-    """One input: where it is, where its copy goes, its version, or why it cannot be scanned."""
-
-    path: Path
-    relative: Path
-    realpath: str
-    bytes: int
-    mtime: float
-    error: str | None = None
-
-    @property
-    def key(self) -> tuple[str, int, float]:
-        return (self.realpath, self.bytes, self.mtime)
 
 
 @dataclass
@@ -127,82 +89,6 @@ class ScanSummary:
         ]
 
 
-def find_images(
-    paths: Sequence[str | os.PathLike],
-    recursive: bool = True,
-    copies: CopyFolder | None = None,
-    folders: bool = True,
-) -> list[ScanInput]:
-    """The image files under ``paths`` (by extension; a file given directly is always taken),
-    sorted, each with its version. Links to folders are followed, each folder once (so link
-    loops end); a file reached by several paths is one input, under the first path found (the
-    walk goes in sorted order, a folder's files before its sub-folders). The copies
-    this tool wrote in ``copies`` are left out of the folders walked.
-
-    What cannot be scanned is an input too, with its ``error``: a path that does not exist, a
-    folder that cannot be read (or any folder given when ``folders`` is false), a FIFO, socket
-    or device (never opened). Each input's ``relative`` path, which its copy keeps, is relative
-    to its folder when one folder is given, else to the folder that holds all the paths.
-
-    Example:
-        >>> [i.relative.name for i in find_images(["tests/data"])][:2]
-        ['astronaut.jpg', 'camera_gray.jpg']
-    """
-    roots = [Path(p) for p in paths]
-    if len(roots) == 1:
-        base = os.path.abspath(roots[0] if roots[0].is_dir() else roots[0].parent)
-    else:
-        base = os.path.commonpath([os.path.abspath(r.parent) for r in roots])
-
-    found: dict[str, ScanInput] = {}  # by real path: one input per file
-    walked: set[str] = set()
-
-    def add(path: Path, error: str | None = None) -> None:
-        relative = Path(os.path.relpath(os.path.abspath(path), base))
-        item = _scan_input(path, relative, error)
-        found.setdefault(item.realpath, item)
-
-    def walk(root: Path) -> None:
-        def unreadable(error: OSError) -> None:
-            add(Path(error.filename), f"{type(error).__name__}: {error.strerror}")
-
-        for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
-            real = os.path.realpath(folder)
-            if real in walked:  # reached again, through a link: its files are found already
-                subfolders.clear()
-                continue
-            walked.add(real)
-            subfolders.sort()  # a file reached by several paths keeps the first, sorted
-            for name in sorted(names):
-                path = Path(folder) / name
-                if path.suffix.lower() in IMAGE_EXTENSIONS and not (copies and copies.owns(path)):
-                    add(path)
-            if not recursive:
-                subfolders.clear()
-
-    for root in roots:
-        if not (root.exists() or root.is_symlink()):
-            add(root, "FileNotFoundError: no such file or folder")
-        elif not root.is_dir():
-            add(root)
-        elif not folders:
-            add(root, "IsADirectoryError: a folder, not an image (scan it with nsfw-guard scan)")
-        else:
-            walk(root)
-    return sorted(found.values(), key=lambda item: str(item.path))
-
-
-def _scan_input(path: Path, relative: Path, error: str | None) -> ScanInput:
-    realpath = os.path.realpath(path)
-    try:
-        info = os.stat(path)
-    except OSError:  # a broken link or a loop: reading it will say what is wrong
-        return ScanInput(path, relative, realpath, -1, -1.0, error)
-    if error is None and not stat.S_ISREG(info.st_mode):
-        error = f"NotARegularFile: {file_kind(info.st_mode)}, not a regular file: skipped"
-    return ScanInput(path, relative, realpath, info.st_size, info.st_mtime, error)
-
-
 # Decoding (in DataLoader workers) ----------------------------------------------------------------
 
 
@@ -230,18 +116,32 @@ class _DecodedImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self._preprocess is None:
             self._preprocess = Preprocess(self.data_config, self.background)
-        source = self.inputs[index]
-        item: dict[str, Any] = {"index": index, "error": source.error}
-        if source.error is not None:
-            return item
-        try:
-            data = read_file(source.path)
-            item["image"] = prepare_bytes(data, self._preprocess, max_frames=self.max_frames)
-            if self.keep_data:  # the exact bytes checked, for the copies (via shared memory)
-                item["data"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        except Exception as error:  # a bad file never stops a scan
-            item["error"] = f"{type(error).__name__}: {error}".strip()
+        return decode_input(
+            self.inputs, index, self._preprocess, self.max_frames, keep_data=self.keep_data
+        )
+
+
+def decode_input(
+    inputs: Sequence[ScanInput],
+    index: int,
+    preprocess: Preprocess,
+    max_frames: int | None,
+    keep_data: bool = False,
+) -> dict[str, Any]:
+    """Input ``index`` read, decoded and preprocessed (``image``), with its bytes when
+    ``keep_data`` (``data``, for a copy), or the ``error`` that stopped it."""
+    source = inputs[index]
+    item: dict[str, Any] = {"index": index, "error": source.error}
+    if source.error is not None:
         return item
+    try:
+        data = read_input(source)
+        item["image"] = prepare_bytes(data, preprocess, max_frames=max_frames)
+        if keep_data:  # the exact bytes checked, for the copies (via shared memory)
+            item["data"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    except Exception as error:  # a bad file never stops a scan
+        item["error"] = f"{type(error).__name__}: {error}".strip()
+    return item
 
 
 def decoding_workers(
@@ -300,7 +200,11 @@ def _quiet_worker(_: int) -> None:
 
 
 @dataclass(frozen=True)
-class _Settings:
+class ScanSettings:
+    """What every part of a scan decides the same way, wherever it runs."""
+
+    level: NSFWLevel
+    threshold: float
     batch_size: int
     workers: int
     max_frames: int | None
@@ -309,9 +213,25 @@ class _Settings:
     model: str | None = None
 
 
+class ScanEngine(Protocol):
+    """Checks inputs somewhere else (see :class:`nsfw_guard.ray.RayEngine`): records each batch
+    in ``records_file`` and gives it to ``on_records`` as it comes, stops when ``should_stop``
+    says so, and returns the records made."""
+
+    def scan_part(
+        self,
+        inputs: Sequence[ScanInput],
+        records_file: RecordFile | None,
+        settings: ScanSettings,
+        show_progress: bool,
+        should_stop: Callable[[], bool] | None,
+        on_records: Callable[[list[dict[str, Any]]], None] | None,
+    ) -> list[dict[str, Any]]: ...
+
+
 def scan(
     inputs: Sequence[ScanInput],
-    scorer: NSFWScorer,
+    scorer: NSFWScorer | None,
     output: str | os.PathLike | None,
     *,
     level: NSFWLevel | str = "medium",
@@ -328,9 +248,13 @@ def scan(
     should_stop: Callable[[], bool] | None = None,
     on_records: Callable[[list[dict[str, Any]]], None] | None = None,
     model: str | None = None,
+    engine: ScanEngine | None = None,
 ) -> ScanSummary:
     """Scan ``inputs`` with ``scorer`` (an :class:`~nsfw_guard.scoring.NSFWScorer` on its device)
-    and write one record per input to ``output`` (JSONL, or CSV by extension; ``None``: no file).
+    and write one record per input to ``output`` (JSONL, CSV or parquet by extension;
+    ``None``: no file). With an ``engine`` instead of a scorer, the engine checks the inputs
+    (:class:`nsfw_guard.ray.RayEngine`: on a Ray cluster); records, resume and summary are the
+    same, and ``censor_to`` is not supported.
 
     ``model`` names the checkpoint in the records: on ``resume``, records made by another model
     are scanned again. ``max_frames`` frames of an animation are checked (``0``: all).
@@ -351,18 +275,47 @@ def scan(
         >>> summary.flagged == summary.scanned == len(read_records(output)) == 7
         True
     """
-    step = CheckStep(scorer, level=level, threshold=threshold, action=action)
+    if (scorer is None) == (engine is None):
+        raise ValueError("scan() takes a scorer or an engine (and not both)")
+    if engine is not None and (censor_to is not None or state is not None):
+        raise ValueError("scan() with an engine writes no copies and runs in one process")
+    step = None
+    if scorer is not None:
+        step = CheckStep(scorer, level=level, threshold=threshold, action=action)
+        workers = decoding_workers(workers, batch_size, scorer.preprocess.config.input_size)
     copies = censor_to if isinstance(censor_to, CopyFolder | None) else CopyFolder(censor_to)
     if copies is not None:
         copies.check(inputs)
-    workers = decoding_workers(workers, batch_size, scorer.preprocess.config.input_size)
-    settings = _Settings(batch_size, workers, max_frames or None, copies, copy_clean, model)
+    settings = ScanSettings(
+        parse_check_level(level),
+        check_threshold(threshold),
+        batch_size,
+        workers,
+        max_frames or None,
+        copies,
+        copy_clean,
+        model,
+    )
     processes = state.num_processes if state is not None else 1
     started = time.perf_counter()
 
+    def scan_part(
+        part: Sequence[ScanInput],
+        records_file: RecordFile | None,
+        show_progress: bool,
+        on_records: Callable[[list[dict[str, Any]]], None] | None,
+    ) -> list[dict[str, Any]]:
+        if engine is not None:
+            return engine.scan_part(
+                part, records_file, settings, show_progress, should_stop, on_records
+            )
+        return _scan_part(
+            part, step, records_file, settings, show_progress, should_stop, on_records
+        )
+
     if output is None:  # nsfw-guard check: records only go to on_records
         summary = ScanSummary(total=len(inputs))
-        records = _scan_part(inputs, step, None, settings, not quiet, should_stop, on_records)
+        records = scan_part(inputs, None, not quiet, on_records)
         for record in records:
             summary.add(record)
         summary.scanned = len(records)
@@ -372,14 +325,12 @@ def scan(
 
     output = Path(output)
     existing = _existing_records(output) if resume else []
-    kept, todo = _plan(existing, inputs, step, settings)
+    kept, todo = _plan(existing, inputs, settings)
     if processes == 1:
         with RecordFile(output, keep=kept) as records_file:
             for path in part_paths(output):  # a killed multi-process scan's: merged in ``kept``
                 path.unlink()
-            made = _scan_part(
-                todo, step, records_file, settings, not quiet, should_stop, on_records
-            )
+            made = scan_part(todo, records_file, not quiet, on_records) if todo else []
     else:
         made = _scan_processes(output, kept, todo, step, settings, state, quiet, should_stop)
 
@@ -401,8 +352,7 @@ def _existing_records(output: Path) -> list[dict[str, Any]]:
 def _plan(
     existing: list[dict[str, Any]],
     inputs: Sequence[ScanInput],
-    step: CheckStep,
-    settings: _Settings,
+    settings: ScanSettings,
 ) -> tuple[list[dict[str, Any]], list[ScanInput]]:
     """``(records to keep, inputs to scan)``.
 
@@ -426,7 +376,7 @@ def _plan(
         ):
             todo.append(item)  # no verdict of this version, by this model, on enough frames
             continue
-        record = _reflagged(record, step)
+        record = _reflagged(record, settings)
         wanted = _wanted_copy(record, settings)
         if (
             wanted is not None
@@ -435,11 +385,13 @@ def _plan(
             todo.append(item)  # its copy is missing, or clean where it must now be censored
             continue
         refreshed[item.key] = record
-    rescanned = {item.realpath for item in todo}
+    rescanned = {item.key for item in todo}
+    versions = {item.realpath: (item.bytes, item.mtime) for item in inputs}
     kept, seen = [], set()
     for record in existing:
         key = record_key(record)
-        if key[0] in rescanned or key in seen:
+        version = versions.get(key[0], key[1:3])
+        if key in rescanned or key in seen or key[1:3] != version:  # redone, or out of date
             continue
         if key in refreshed:
             seen.add(key)
@@ -447,16 +399,18 @@ def _plan(
     return kept, todo
 
 
-def _reflagged(record: dict[str, Any], step: CheckStep) -> dict[str, Any]:
-    """``record`` with its level and flag decided again from its scores, at ``step``'s settings."""
+def _reflagged(record: dict[str, Any], settings: ScanSettings) -> dict[str, Any]:
+    """``record`` with its level and flag decided again from its scores, at this scan's level
+    and threshold."""
     scores = [record[name] for name in ("neutral", "low", "medium", "high")]
     if any(score is None for score in scores):
         return record
-    verdicts = step.verdicts(torch.tensor([scores]), torch.tensor([True]))
+    table = torch.tensor([scores])  # float32, compared as the check step compares
+    level = levels_from_scores(table, settings.threshold)
     return {
         **record,
-        "level": NSFWLevel.parse(int(verdicts.levels[0])).value,
-        "flagged": bool(verdicts.flags[0]),
+        "level": NSFWLevel.parse(int(level[0])).value,
+        "flagged": bool(table[0, settings.level.index] >= settings.threshold),
     }
 
 
@@ -467,7 +421,7 @@ def _more_frames_wanted(record: dict[str, Any], max_frames: int | None) -> bool:
     return max_frames is None or max_frames > checked
 
 
-def _wanted_copy(record: dict[str, Any], settings: _Settings) -> str | None:
+def _wanted_copy(record: dict[str, Any], settings: ScanSettings) -> str | None:
     """The copy ``record``'s file gets: ``"censored"``, ``"clean"`` or ``None``. A clean file
     with unchecked frames is never copied as clean."""
     if settings.copies is None or record["error"]:
@@ -483,7 +437,7 @@ def _scan_processes(
     kept: list[dict[str, Any]],
     todo: list[ScanInput],
     step: CheckStep,
-    settings: _Settings,
+    settings: ScanSettings,
     state: Any,
     quiet: bool,
     should_stop: Callable[[], bool] | None,
@@ -523,7 +477,7 @@ def _scan_part(
     inputs: Sequence[ScanInput],
     step: CheckStep,
     records_file: RecordFile | None,
-    settings: _Settings,
+    settings: ScanSettings,
     show_progress: bool,
     should_stop: Callable[[], bool] | None,
     on_records: Callable[[list[dict[str, Any]]], None] | None,
@@ -532,7 +486,6 @@ def _scan_part(
     from tqdm.auto import tqdm
 
     scorer = step.scorer
-    device = next(scorer.parameters()).device
     background = tuple(scorer.preprocess.background.flatten().tolist())
     dataset = _DecodedImages(
         inputs,
@@ -546,14 +499,14 @@ def _scan_part(
         batch_size=settings.batch_size,
         num_workers=settings.workers,
         collate_fn=_collate,
-        pin_memory=False,  # the batch is pinned once it is put together, in _check_batch
+        pin_memory=False,  # the batch is pinned once it is put together, in check_items
         worker_init_fn=_quiet_worker,
         persistent_workers=False,
     )
     made: list[dict[str, Any]] = []
     with tqdm(total=len(inputs), unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
         for items in loader:
-            records = _check_batch(items, inputs, step, device, settings)
+            records = check_items(items, inputs, step, settings)
             # Copies first: a record says its copy exists, so --resume after a kill redoes both.
             for record, item in zip(records, items, strict=True):
                 _write_copy(inputs[item["index"]], record, item, step, settings)
@@ -574,7 +527,7 @@ def _write_copy(
     record: dict[str, Any],
     item: dict[str, Any],
     step: CheckStep,
-    settings: _Settings,
+    settings: ScanSettings,
 ) -> None:
     """Write the copy ``record`` asks for; a copy that cannot be written makes the record an
     error (so ``--resume`` tries again), never stops the scan."""
@@ -591,14 +544,14 @@ def _write_copy(
         record["error"] = f"copy not written: {type(error).__name__}: {error}"
 
 
-def _check_batch(
+def check_items(
     items: list[dict[str, Any]],
     inputs: Sequence[ScanInput],
     step: CheckStep,
-    device: torch.device,
-    settings: _Settings,
+    settings: ScanSettings,
 ) -> list[dict[str, Any]]:
-    """Records for one batch (:func:`~nsfw_guard.prepared.check_prepared`: one host transfer)."""
+    """Records for a batch of :func:`decode_input` items
+    (:func:`~nsfw_guard.prepared.check_prepared`: one host transfer)."""
     decoded = [item for item in items if item["error"] is None]
     verdicts = iter(check_prepared([item["image"] for item in decoded], step, settings.batch_size))
     records = []
@@ -627,5 +580,5 @@ def _check_batch(
 def _record(item: ScanInput, **values: Any) -> dict[str, Any]:
     record = dict.fromkeys(RECORD_FIELDS)
     record.update(path=str(item.path), flagged=False, bytes=item.bytes, mtime=item.mtime)
-    record.update(realpath=item.realpath, **values)
+    record.update(realpath=item.realpath, member=item.member and item.member.name, **values)
     return record
