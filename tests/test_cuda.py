@@ -114,3 +114,28 @@ def test_scan_on_the_gpu_gives_the_cpus_records(sharp_checkpoint, tmp_path):
     for cpu, gpu in zip(records["cpu"], records["cuda"], strict=True):
         assert cpu["path"] == gpu["path"]
         assert all(abs(cpu[k] - gpu[k]) < 2e-3 for k in ("neutral", "low", "medium", "high"))
+
+
+def test_the_serve_worker_and_the_ray_classifier_on_the_gpu(sharp_checkpoint):
+    """Both preprocess on the model's device: their batches must not be pinned as CPU ones."""
+    import base64
+
+    from nsfw_guard.ray import NSFWClassifier
+    from nsfw_guard.serve import ModerationAPI, ServeSettings
+
+    photos = [path.read_bytes() for path in PHOTO_PATHS[:3]]
+    on_cpu = NSFWClassifier(str(sharp_checkpoint), device="cpu", dtype="float32")
+    on_gpu = NSFWClassifier(str(sharp_checkpoint), device="cuda", dtype="float32")
+    batch = {"jpg": np.array(photos, dtype=object)}
+    cpu, gpu = on_cpu(batch), on_gpu(batch)
+    for name in ("nsfw_neutral", "nsfw_low", "nsfw_medium", "nsfw_high"):
+        assert np.allclose(cpu[name], gpu[name], atol=2e-3)
+
+    worker = ModerationAPI(ServeSettings(model=str(sharp_checkpoint), dtype="float32"))
+    worker.setup("cuda:0")
+    request = {"kind": "moderate", "level": "medium", "threshold": 0.5, "action": "blur"}
+    request["images"] = [base64.b64encode(data).decode() for data in photos]
+    response = worker.encode_response(worker.predict([worker.decode_request(request)])[0])
+    results = json.loads(response.body)["results"]
+    for i, result in enumerate(results):
+        assert result["scores"]["medium"] == pytest.approx(float(cpu["nsfw_medium"][i]), abs=2e-3)

@@ -142,7 +142,7 @@ class CheckStep(nn.Module):
             ([[0.25, 0.75, 0.5, 0.125]], [2], [True])
         """
         if owners is not None:
-            scores, verifiable = _worst_frames(scores, verifiable, owners, count)
+            scores, verifiable = worst_frames(scores, verifiable, owners, count)
         levels = levels_from_scores(scores, self.threshold)
         flags = (scores[:, self.level.index] >= self.threshold) | ~verifiable
         return Verdicts(scores, levels, flags, verifiable)
@@ -168,10 +168,18 @@ class CheckStep(nn.Module):
         return torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
 
 
-def _worst_frames(
+def worst_frames(
     scores: Tensor, verifiable: Tensor, owners: Tensor, count: int
 ) -> tuple[Tensor, Tensor]:
-    """Per image: the highest score of its frames at each level >= low, the lowest neutral."""
+    """Per image of ``count``: the highest score of its frames (``owners`` says whose each row
+    is) at each level >= low, the lowest neutral; verifiable only if every frame is. In-graph.
+
+    Example:
+        >>> frames = torch.tensor([[0.75, 0.25, 0.0, 0.0], [0.25, 0.75, 0.5, 0.125]])
+        >>> scores, ok = worst_frames(frames, torch.tensor([True, False]), torch.tensor([0, 0]), 1)
+        >>> scores.tolist(), ok.tolist()
+        ([[0.25, 0.75, 0.5, 0.125]], [False])
+    """
     index = owners[:, None].expand(-1, scores.shape[1])
     worst = scores.new_zeros(count, scores.shape[1])
     worst = worst.scatter_reduce(0, index, scores, reduce="amax", include_self=False)

@@ -4,6 +4,7 @@ Examples:
     nsfw-guard scan photos/ --output results.jsonl
     nsfw-guard scan uploads/ --censor-to censored/ --action blur --fail-on high
     nsfw-guard check photo.jpg other.png
+    nsfw-guard serve --port 8000
 """
 
 from __future__ import annotations
@@ -179,6 +180,91 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_options(check)
     check.set_defaults(run=_run_check, command_parser=check)
 
+    serve = commands.add_parser(
+        "serve",
+        help="an HTTP moderation API with dynamic batching, and a page to check images",
+        description="Serve the model over HTTP (LitServe): POST /v1/moderate (images as "
+        "multipart files or JSON base64, or one raw image) returns each image's level, scores "
+        "and flag; POST /v1/censor returns the image, censored if flagged, with the verdict "
+        "in X-NSFW-* headers. Requests arriving within --batch-timeout-ms are checked as one "
+        "batch. GET / is a page to drop images on, GET /healthz and GET /metrics (Prometheus) "
+        "the rest. Bad requests get a 4xx with a JSON error. With --api-key (or "
+        "NSFW_GUARD_API_KEY) every route but /healthz and the page needs 'Authorization: "
+        "Bearer KEY'. Ctrl-C or SIGTERM stops it.",
+        epilog="Examples:\n  nsfw-guard serve\n"
+        '  nsfw-guard serve --host 0.0.0.0 --port 8080 --api-key "$KEY" --device cuda\n'
+        "  curl -F image=@photo.jpg http://127.0.0.1:8000/v1/moderate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        choices=("127.0.0.1", "0.0.0.0", "::"),
+        help="address to listen on (default: 127.0.0.1, this machine only)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000")
+    serve.add_argument(
+        "--level", default="medium", choices=_LEVELS, help="default level (default: medium)"
+    )
+    serve.add_argument("--threshold", type=float, default=0.5, help="default threshold (0.5)")
+    serve.add_argument(
+        "--action", default="blur", choices=("blur", "pixelate", "blank"), help="default: blur"
+    )
+    serve.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})"
+    )
+    serve.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    serve.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto"
+    )
+    serve.add_argument("--dtype", default="auto", choices=_DTYPES, help="default: auto")
+    serve.add_argument(
+        "--max-batch-size", type=int, default=16, help="requests per model batch (default: 16)"
+    )
+    serve.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        default=10.0,
+        help="how long a batch waits for more requests (default: 10)",
+    )
+    serve.add_argument(
+        "--max-bytes",
+        type=int,
+        default=20 * 2**20,
+        help="largest request body in bytes (default: 20 MiB)",
+    )
+    serve.add_argument(
+        "--max-images", type=int, default=32, help="images per request (default: 32)"
+    )
+    serve.add_argument(
+        "--max-frames", type=int, default=16, help="frames checked per animation (0: all)"
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("NSFW_GUARD_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $NSFW_GUARD_API_KEY, else none)",
+    )
+    serve.set_defaults(run=_run_serve, command_parser=serve)
+
+    review = commands.add_parser(
+        "review",
+        help="a page to review a scan's records and approve or reject each image",
+        description="Serve a review page over a scan's records (JSON lines, CSV or parquet): a "
+        "grid of thumbnails (flagged ones blurred until hovered or clicked), filtered by level, "
+        "sorted by score, a page at a time. Keys: arrows move, a approves, r rejects, space "
+        "shows. Each decision is appended at once to RESULTS.decisions.jsonl beside the "
+        "records; reloading the page resumes; /decisions.csv exports them. Only the images the "
+        "records name are read.",
+        epilog="Examples:\n  nsfw-guard review results.jsonl\n"
+        "  nsfw-guard review results.parquet --port 8081",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    review.add_argument("results", type=Path, metavar="RESULTS", help="a scan's record file")
+    review.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    review.add_argument("--port", type=int, default=8001, help="default: 8001")
+    review.set_defaults(run=_run_review, command_parser=review)
     return parser
 
 
@@ -195,6 +281,54 @@ def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(str(error))
     _say(f"nsfw-guard: reviewing {_shown(str(args.results))} on http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
+def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import signal
+    import tempfile
+
+    for name in ("max_batch_size", "max_bytes", "max_images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected 1 or more")
+    if args.batch_timeout_ms < 0 or args.max_frames < 0:
+        parser.error("--batch-timeout-ms and --max-frames: expected 0 or more")
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold {args.threshold}: expected a number in [0, 1]")
+    if not 1024 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: expected 1024 to 65535")
+    if args.model and Path(args.model).exists() and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: not a folder or a Hub id")
+    with tempfile.TemporaryDirectory(prefix="nsfw-guard-metrics-") as metrics:
+        # Every process of the server (they inherit this) writes its metrics there.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics)
+        from .serve import ServeSettings, build_server
+
+        settings = ServeSettings(
+            model=args.model,
+            revision=args.revision,
+            dtype=None if args.dtype == "auto" else args.dtype,
+            level=args.level,
+            threshold=args.threshold,
+            action=args.action,
+            max_batch_size=args.max_batch_size,
+            batch_timeout_ms=args.batch_timeout_ms,
+            max_bytes=args.max_bytes,
+            max_images=args.max_images,
+            max_frames=args.max_frames,
+            api_key=args.api_key or None,
+            model_name=_model_name(args),
+        )
+        server = build_server(settings, accelerator=args.device)
+
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt  # LitServe shuts its processes down on it
+
+        # LitServe handles Ctrl-C itself: no "after the batch in flight" here.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, stop)
+        _say(f"nsfw-guard: serving {settings.model_name} on http://{args.host}:{args.port}/")
+        server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
     return EXIT_OK
 
 

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from PIL import Image
@@ -37,7 +37,7 @@ from .decode import iter_frames
 from .inputs import to_image_batches
 from .preprocess import WHITE, composite_alpha, to_unit_range
 
-__all__ = ["MANIFEST_NAME", "CopyConflict", "CopyFolder"]
+__all__ = ["MANIFEST_NAME", "CopyConflict", "CopyFolder", "save_censored"]
 
 MANIFEST_NAME = ".nsfw-guard-copies.jsonl"
 
@@ -141,7 +141,7 @@ class CopyFolder:
     ) -> None:
         """Write the censored copy of the image in ``data`` (every frame) to ``folder/relative``,
         with ``verdict`` in its metadata."""
-        save = functools.partial(_save_censored, data, step=step, verdict=json.dumps(verdict))
+        save = functools.partial(save_censored, data, step=step, verdict=json.dumps(verdict))
         self._write(relative, save, censored=True)
 
     def _write(self, relative: Path, save: Callable[[Path], Any], censored: bool) -> None:
@@ -218,9 +218,11 @@ class CopyFolder:
         return entries
 
 
-def _save_censored(data: bytes, path: Path, step: CheckStep, verdict: str) -> None:
+def save_censored(data: bytes, path: Path | BinaryIO, step: CheckStep, verdict: str) -> str:
     """Censor every frame of the image in ``data`` with ``step``'s action and save it to
-    ``path``, one frame in memory as floats at a time."""
+    ``path`` (a file name or a binary file), one frame in memory as floats at a time, in the
+    image's own format where Pillow can write it (else PNG), with ``verdict`` in its metadata.
+    Returns the format written."""
     frames = []
     for frame in iter_frames(data):
         batch = to_image_batches(frame)[0]
@@ -254,3 +256,4 @@ def _save_censored(data: bytes, path: Path, step: CheckStep, verdict: str) -> No
     elif len(frames) > 1 and fmt in ("GIF", "PNG", "WEBP", "TIFF"):
         options.update(save_all=True, append_images=frames[1:], loop=0, duration=duration)
     frames[0].save(path, **options)
+    return fmt

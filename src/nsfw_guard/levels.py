@@ -114,8 +114,9 @@ def mark_unverifiable(scores: Tensor, verifiable: Tensor) -> Tensor:
     return torch.where(ok[:, None], scores, worst)
 
 
-def levels_from_scores(scores: Tensor, threshold: float) -> Tensor:
-    """Per image, the index of the highest level whose score is ``>= threshold`` (0 if none).
+def levels_from_scores(scores: Tensor, threshold: float | Tensor) -> Tensor:
+    """Per image, the index of the highest level whose score is ``>= threshold`` (0 if none);
+    a ``[B, 1]`` tensor of thresholds gives each image its own.
 
     Example:
         >>> levels_from_scores(torch.tensor([[0.1, 0.9, 0.6, 0.2]]), 0.5)

@@ -21,8 +21,16 @@ from .check import CheckStep
 from .decode import decode_image
 from .levels import NSFWLevel
 from .preprocess import Preprocess
+from .scoring import NSFWScorer
 
-__all__ = ["Prepared", "Verdict", "check_prepared", "prepare_array", "prepare_bytes"]
+__all__ = [
+    "Prepared",
+    "Verdict",
+    "check_prepared",
+    "classify_prepared",
+    "prepare_array",
+    "prepare_bytes",
+]
 
 
 class Prepared(NamedTuple):
@@ -125,27 +133,50 @@ def check_prepared(
     """
     if not images:
         return []
-    device = next(step.scorer.parameters()).device
-    pixels = _concat([image.pixels for image in images], pinned=device.type == "cuda")
-    verifiable = torch.cat([image.verifiable for image in images])
-    counts = torch.tensor([image.pixels.shape[0] for image in images])
-    owners = torch.repeat_interleave(torch.arange(len(images)), counts).to(device)
     with torch.inference_mode():
-        scores = []
-        for start in range(0, pixels.shape[0], batch_size):
-            chunk = slice(start, start + batch_size)
-            frames = pixels[chunk].to(device, non_blocking=True)
-            scores.append(step.scorer.classify(frames, verifiable[chunk].to(device)))
-        verdicts = step.verdicts(torch.cat(scores), verifiable.to(device), owners, len(images))
+        scores, verifiable, owners = classify_prepared(images, step.scorer, batch_size)
+        verdicts = step.verdicts(scores, verifiable, owners, len(images))
         table = torch.cat(
             [verdicts.scores, verdicts.levels[:, None], verdicts.flags[:, None]], dim=1
         ).tolist()  # the one host transfer
     return [Verdict(tuple(row[:4]), NSFWLevel.parse(int(row[4])), bool(row[5])) for row in table]
 
 
-def _concat(tensors: list[Tensor], pinned: bool) -> Tensor:
-    """``torch.cat``, into page-locked memory when ``pinned`` so the copy to the GPU is async."""
-    if not pinned:
-        return torch.cat(tensors)
+def classify_prepared(
+    images: Sequence[Prepared], scorer: NSFWScorer, batch_size: int = 16
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The frames of ``images`` classified ``batch_size`` at a time on the scorer's device:
+    ``(scores [F, 4], verifiable [F], owners [F])``, ``owners`` the image of each frame (as
+    :meth:`CheckStep.verdicts` takes them). No host transfer.
+
+    Example:
+        >>> import tempfile
+        >>> from nsfw_guard.model import load_model
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> loaded = load_model(make_checkpoint(tempfile.mkdtemp()), device="cpu")
+        >>> scorer = NSFWScorer(loaded.model, loaded.data_config)
+        >>> image = prepare_array(np.zeros((30, 40, 3), np.uint8), scorer.preprocess)
+        >>> scores, verifiable, owners = classify_prepared([image, image], scorer)
+        >>> scores.shape, owners.tolist()
+        (torch.Size([2, 4]), [0, 1])
+    """
+    device = next(scorer.parameters()).device
+    pixels = _concat([image.pixels for image in images], device)
+    verifiable = torch.cat([image.verifiable for image in images])
+    counts = torch.tensor([image.pixels.shape[0] for image in images])
+    owners = torch.repeat_interleave(torch.arange(len(images)), counts).to(device)
+    scores = []
+    for start in range(0, pixels.shape[0], batch_size):
+        chunk = slice(start, start + batch_size)
+        frames = pixels[chunk].to(device, non_blocking=True)
+        scores.append(scorer.classify(frames, verifiable[chunk].to(device)))
+    return torch.cat(scores), verifiable.to(device), owners
+
+
+def _concat(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """``torch.cat``; CPU tensors bound for a GPU go into page-locked memory, so that their copy
+    to it is async. Tensors already on the GPU (preprocessed there) stay there."""
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
+        return torch.cat([t.to(device) for t in tensors])
     shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
     return torch.cat(tensors, out=torch.empty(shape, dtype=tensors[0].dtype, pin_memory=True))

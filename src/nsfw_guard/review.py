@@ -1,0 +1,300 @@
+"""``nsfw-guard review RESULTS.jsonl``: a page for people to review what a scan found.
+
+A small Starlette app over a scan's records (JSON lines, CSV or parquet): the page at ``/``
+shows them as a grid of thumbnails (flagged ones blurred until hovered or clicked), filtered by
+level and sorted by score on the server, a page at a time, so 10,000 records are as quick as
+ten. Each decision (approve or reject, made with the keyboard or a click) is appended at once
+to ``RESULTS.decisions.jsonl`` (path, member, decision, time: one ``O_APPEND`` write and an
+``fsync`` per decision), which the page reads back on reload; ``/decisions.csv`` exports the
+latest decision per image.
+
+Only the images the records name are ever read, by their index in the records: no route takes
+a path. Thumbnails are made on demand (the same decode as ``scan``, shards included) and kept
+in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import functools
+import io
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .decode import decode_image
+from .preprocess import WHITE, composite_alpha, to_unit_range
+from .records import read_records
+from .sources import ScanInput, find_images, read_input
+
+__all__ = ["DECISIONS", "Decisions", "ReviewApp", "create_app", "decisions_path"]
+
+DECISIONS = ("approve", "reject")
+THUMBNAIL_SIZE = 256
+_SORTS = ("score", "path")
+
+
+def decisions_path(results: str | os.PathLike) -> Path:
+    """Where the decisions about ``results`` go: ``RESULTS.decisions.jsonl`` beside it.
+
+    Example:
+        >>> decisions_path("scans/results.jsonl").as_posix()
+        'scans/results.decisions.jsonl'
+    """
+    results = Path(results)
+    return results.with_name(f"{results.stem}.decisions.jsonl")
+
+
+class Decisions:
+    """The decisions file: appended to, one line per decision, never rewritten.
+
+    Example:
+        >>> import tempfile
+        >>> decisions = Decisions(Path(tempfile.mkdtemp()) / "r.decisions.jsonl")
+        >>> _ = decisions.add("a.jpg", None, "reject")
+        >>> decisions.latest()[("a.jpg", None)]["decision"]
+        'reject'
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._latest: dict[tuple[str, str | None], dict[str, Any]] = {}
+        if path.exists():
+            if not path.is_file():
+                raise ValueError(f"{path} is not a regular file")
+            for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    key = (entry["path"], entry.get("member"))
+                    if entry["decision"] not in DECISIONS:
+                        raise ValueError
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(
+                        f"{path}, line {number}: not a decision; is this file nsfw-guard's?"
+                    ) from None
+                self._latest[key] = entry
+
+    def latest(self) -> dict[tuple[str, str | None], dict[str, Any]]:
+        return dict(self._latest)
+
+    def add(self, path: str, member: str | None, decision: str) -> dict[str, Any]:
+        """Append one decision (a single ``write`` to a file opened for appending, then
+        ``fsync``): a kill never leaves half a line but the last one, and never loses a
+        decision that was answered."""
+        if decision not in DECISIONS:
+            raise ValueError(f"decision {decision!r}: expected one of {', '.join(DECISIONS)}")
+        entry = {"path": path, "member": member, "decision": decision, "time": time.time()}
+        line = (json.dumps(entry, ensure_ascii=True) + "\n").encode()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        descriptor = os.open(self.path, flags, 0o644)
+        try:
+            os.write(descriptor, line)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        self._latest[(path, member)] = entry
+        return entry
+
+
+@dataclass
+class _Item:
+    index: int
+    record: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return (self.record["path"], self.record.get("member"))
+
+    def score(self) -> float:
+        """How bad: its highest score at a level >= low (errors first)."""
+        values = [self.record.get(name) for name in ("low", "medium", "high")]
+        return 2.0 if self.record.get("error") else max((v or 0.0) for v in values)
+
+
+class ReviewApp:
+    """The review server's state and routes. ``Starlette(routes=ReviewApp(...).routes)``."""
+
+    def __init__(self, results: str | os.PathLike, cache_size: int = 2048):
+        self.results = Path(results)
+        self.items = [_Item(i, record) for i, record in enumerate(read_records(self.results))]
+        self.decisions = Decisions(decisions_path(self.results))
+        self.page = resources.files("nsfw_guard").joinpath("web/review.html").read_bytes()
+        self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = asyncio.Lock()
+        self.routes = [
+            Route("/", self.index),
+            Route("/api/records", self.records),
+            Route("/api/decisions", self.decide, methods=["POST"]),
+            Route("/decisions.csv", self.export),
+            Route("/thumbnail/{index:int}", self.thumbnail),
+        ]
+
+    async def index(self, request: Request) -> Response:
+        return Response(self.page, media_type="text/html; charset=utf-8")
+
+    async def records(self, request: Request) -> JSONResponse:
+        """A page of records: ``level`` (a level or ``flagged``/``error``/``undecided``),
+        ``sort`` (``score``, worst first, or ``path``), ``offset``, ``limit``."""
+        query = request.query_params
+        try:
+            offset = max(0, int(query.get("offset", 0)))
+            limit = min(500, max(1, int(query.get("limit", 100))))
+        except ValueError:
+            return _error(400, "offset and limit must be integers")
+        sort = query.get("sort", "score")
+        if sort not in _SORTS:
+            return _error(400, f"sort {sort!r}: expected one of {', '.join(_SORTS)}")
+        latest = self.decisions.latest()
+        selected = [item for item in self.items if _matches(item, query.get("level"), latest)]
+        if sort == "score":
+            selected.sort(key=lambda item: -item.score())
+        else:
+            selected.sort(key=lambda item: item.key[0] + "\0" + (item.key[1] or ""))
+        counts: dict[str, int] = {}
+        for item in self.items:
+            level = "error" if item.record.get("error") else item.record.get("level") or "none"
+            counts[level] = counts.get(level, 0) + 1
+        return JSONResponse(
+            {
+                "total": len(selected),
+                "all": len(self.items),
+                "counts": counts,
+                "decided": sum(1 for item in self.items if item.key in latest),
+                "records": [
+                    _shown(item, latest.get(item.key)) for item in selected[offset : offset + limit]
+                ],
+            }
+        )
+
+    async def decide(self, request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+            index, decision = int(body["index"]), body["decision"]
+        except (ValueError, KeyError, TypeError):
+            return _error(400, 'send {"index": N, "decision": "approve" or "reject"}')
+        if not 0 <= index < len(self.items) or decision not in DECISIONS:
+            return _error(400, f"no record {index}, or a decision other than approve/reject")
+        item = self.items[index]
+        async with self._lock:  # one append at a time, in the order they came
+            entry = await asyncio.to_thread(self.decisions.add, *item.key, decision)
+        return JSONResponse({"index": index, **entry})
+
+    async def export(self, request: Request) -> Response:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "member", "decision", "time", "level", "flagged"])
+        records = {item.key: item.record for item in self.items}
+        for key, entry in self.decisions.latest().items():
+            record = records.get(key, {})
+            row = [*key, entry["decision"], entry["time"], record.get("level")]
+            writer.writerow([*row, record.get("flagged")])
+        name = f"{self.results.stem}.decisions.csv"
+        return Response(
+            buffer.getvalue(),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    async def thumbnail(self, request: Request) -> Response:
+        index = request.path_params["index"]
+        if not 0 <= index < len(self.items):
+            return _error(404, f"no record {index}")
+        data = self._thumbnails.get(index)
+        if data is None:
+            try:
+                data = await asyncio.to_thread(self._make_thumbnail, self.items[index].record)
+            except Exception as error:  # gone, changed, unreadable: say so, in the grid
+                return _error(404, f"{type(error).__name__}: {error}")
+            self._thumbnails[index] = data
+            if len(self._thumbnails) > self._cache_size:
+                self._thumbnails.popitem(last=False)
+        self._thumbnails.move_to_end(index)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    def _make_thumbnail(self, record: dict[str, Any]) -> bytes:
+        path = record.get("realpath") or record["path"]
+        info = os.stat(path)
+        if (info.st_size, info.st_mtime) != (record["bytes"], record["mtime"]):
+            raise FileExistsError("the file changed since it was scanned")
+        source = _shard_members(path, info.st_size, info.st_mtime).get(record.get("member"))
+        if source is None:
+            raise FileNotFoundError(f"{path}: no {record.get('member') or 'image'} there now")
+        data = read_input(source)  # a shard's member: checked again to be this version
+        decoded = decode_image(data, max_frames=1, target_size=THUMBNAIL_SIZE)
+        frame = decoded.frames[0]
+        unit = composite_alpha(to_unit_range(frame.pixels, frame.value_range), WHITE)
+        array = (unit[0].expand(3, -1, -1).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+        image = Image.fromarray(array.numpy())
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_members(path: str, size: int, mtime: float) -> dict[str | None, ScanInput]:
+    """The inputs in the file at ``path`` (one, or a shard's members), by member name; listed
+    once per version of the file."""
+    return {item.member and item.member.name: item for item in find_images([path])}
+
+
+def _matches(item: _Item, level: str | None, latest: dict) -> bool:
+    record = item.record
+    if not level or level == "all":
+        return True
+    if level == "flagged":
+        return bool(record.get("flagged"))
+    if level == "error":
+        return bool(record.get("error"))
+    if level == "undecided":
+        return item.key not in latest
+    return record.get("level") == level
+
+
+def _shown(item: _Item, decision: dict[str, Any] | None) -> dict[str, Any]:
+    record = item.record
+    return {
+        "index": item.index,
+        "path": record["path"],
+        "member": record.get("member"),
+        "level": record.get("level"),
+        "flagged": record.get("flagged"),
+        "error": record.get("error"),
+        "scores": {name: record.get(name) for name in ("neutral", "low", "medium", "high")},
+        "decision": decision and decision["decision"],
+    }
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "message": message}}, status)
+
+
+def create_app(results: str | os.PathLike) -> Starlette:
+    """The review server's app for a record file.
+
+    Example:
+        >>> import tempfile
+        >>> from nsfw_guard.records import RecordFile, _example
+        >>> results = Path(tempfile.mkdtemp()) / "results.jsonl"
+        >>> with RecordFile(results) as file:
+        ...     file.write([_example("a.jpg")])
+        >>> from starlette.testclient import TestClient  # doctest: +SKIP
+        >>> TestClient(create_app(results)).get("/api/records").json()["total"]  # doctest: +SKIP
+        1
+    """
+    return Starlette(routes=ReviewApp(results).routes)

@@ -1,0 +1,570 @@
+"""``nsfw-guard serve``: a moderation API over HTTP, with dynamic batching (``pip install
+"nsfw-guard[serve]"``).
+
+Built on LitServe: its inference worker loads the model once and batches the requests that
+arrive within ``batch_timeout`` (up to ``max_batch_size``) into one in-graph check, whatever
+route, level or threshold each asked for. In front of it, :class:`RequestGate` (an ASGI
+middleware in the API server process) answers everything a request can get wrong with a 4xx
+and a JSON error before it reaches the worker: the API key, the body's size, its content type,
+its JSON, base64, the number of images, level, threshold and action, and images that are not
+images or are over Pillow's pixel limit. It also serves the page at ``/``, ``/healthz`` and
+``/metrics`` (Prometheus, every process's metrics: LitServe's worker is a process of its own).
+
+Routes:
+
+- ``POST /v1/moderate``: images as multipart files, JSON ``{"images": [base64, ...], "level",
+  "threshold"}`` or one raw image body (``level``/``threshold`` as query parameters) →
+  ``{"model", "results": [{"level", "scores", "flagged", "error"}]}`` in request order.
+- ``POST /v1/censor``: one image → the image, censored if flagged (same format), the verdict in
+  ``X-NSFW-*`` headers; ``action``, ``level``, ``threshold`` as parameters.
+- ``GET /healthz`` (never needs the key), ``GET /metrics``, ``GET /`` (the page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hmac
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import litserve as ls
+import torch
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from . import DEFAULT_MODEL
+from .check import CheckStep, worst_frames
+from .levels import NSFWLevel, levels_from_scores
+from .prepared import Prepared, classify_prepared, prepare_bytes
+
+__all__ = ["ACTIONS", "LEVELS", "ModerationAPI", "RequestGate", "ServeSettings", "build_server"]
+
+LEVELS = ("low", "medium", "high")
+ACTIONS = ("blur", "pixelate", "blank")
+_WORKER_PATH = "/internal/check"  # LitServe's route; only the gate sends requests there
+_ROUTES = {"/v1/moderate": "moderate", "/v1/censor": "censor"}
+_SCORES = ("neutral", "low", "medium", "high")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the service runs; one object, passed to the gate and the worker."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    dtype: str | None = None
+    level: str = "medium"
+    threshold: float = 0.5
+    action: str = "blur"
+    max_batch_size: int = 16
+    batch_timeout_ms: float = 10.0
+    max_bytes: int = 20 * 2**20
+    max_images: int = 32
+    max_frames: int = 16
+    api_key: str | None = None
+    model_name: str = DEFAULT_MODEL
+
+
+class BadRequest(Exception):
+    """A request the service refuses: its HTTP status and what was wrong."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "message": message}}, status, headers)
+
+
+# Metrics: every process writes its own (prometheus_client's multiprocess mode) --------------------
+
+
+@functools.cache
+def _metrics() -> Any:
+    """This process's metric objects, made on first use (after the server set
+    ``PROMETHEUS_MULTIPROC_DIR``), registered nowhere: ``/metrics`` reads every process's."""
+    from types import SimpleNamespace
+
+    from prometheus_client import Counter, Histogram
+
+    sizes = (1, 2, 4, 8, 16, 32, 64, 128)
+    return SimpleNamespace(
+        requests=Counter(
+            "nsfw_guard_requests", "HTTP requests", ["route", "status"], registry=None
+        ),
+        errors=Counter(
+            "nsfw_guard_errors",
+            "Requests answered with an error",
+            ["route", "status"],
+            registry=None,
+        ),
+        images=Counter("nsfw_guard_images", "Images checked", ["level"], registry=None),
+        latency=Histogram(
+            "nsfw_guard_request_seconds", "Request latency", ["route"], registry=None
+        ),
+        batch_requests=Histogram(
+            "nsfw_guard_batch_requests", "Requests per model batch", buckets=sizes, registry=None
+        ),
+        batch_images=Histogram(
+            "nsfw_guard_batch_images", "Images per model batch", buckets=sizes, registry=None
+        ),
+    )
+
+
+def _metrics_text() -> tuple[bytes, str]:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+# The gate: every check a request can fail, in the API server process ------------------------------
+
+
+class RequestGate:
+    """ASGI middleware in front of LitServe: auth, limits and parsing (a 4xx with a JSON error
+    for anything wrong, never a 500), the page, ``/healthz`` and ``/metrics``. A valid
+    moderation or censor request reaches the worker as one canonical JSON body."""
+
+    def __init__(self, app: Callable, settings: ServeSettings):
+        self.app = app
+        self.settings = settings
+        self.page = resources.files("nsfw_guard").joinpath("web/moderate.html").read_bytes()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        route = path if path in (*_ROUTES, "/", "/healthz", "/metrics") else "other"
+        status = 500
+        started = time.perf_counter()
+
+        async def send_and_note(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            answer = await self._answer(scope, receive, path, method)
+            if isinstance(answer, Response):
+                await answer(scope, receive, send_and_note)
+            else:  # on to LitServe, with the body to read (rewritten for the worker)
+                await self.app(scope, answer, send_and_note)
+        finally:
+            metrics = _metrics()
+            metrics.requests.labels(route, str(status)).inc()
+            if status >= 400:
+                metrics.errors.labels(route, str(status)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, path: str, method: str
+    ) -> Response | Receive:
+        """The gate's own response, or how LitServe is to read the request's body (the
+        canonical JSON of a checked moderation or censor request)."""
+        if path in ("/healthz", "/health"):
+            scope["path"] = "/health"  # LitServe's: 200 once the worker is ready
+            return receive
+        if path == "/" and method == "GET":  # a static page: it sends the key with each call
+            return Response(self.page, media_type="text/html; charset=utf-8")
+        if not self._authorized(scope):
+            return _error(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if path == "/metrics" and method == "GET":
+            body, media_type = await asyncio.to_thread(_metrics_text)
+            return Response(body, media_type=media_type)
+        if path == _WORKER_PATH:
+            return _error(404, "not found")
+        if path not in _ROUTES:
+            return receive  # LitServe's own routes (/info) or its 404
+        if method != "POST":
+            return _error(405, f"{path} takes POST", {"Allow": "POST"})
+        try:
+            job = await self._parse(scope, receive, _ROUTES[path])
+        except BadRequest as error:
+            return _error(error.status, error.message)
+        body = json.dumps(job).encode()
+        authorization = [(k, v) for k, v in scope["headers"] if k == b"authorization"]
+        scope.update(path=_WORKER_PATH, raw_path=_WORKER_PATH.encode(), query_string=b"")
+        scope["headers"] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *authorization,
+        ]
+        sent = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()  # the client's disconnect, if it comes
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay
+
+    def _authorized(self, scope: Scope) -> bool:
+        key = self.settings.api_key
+        if not key:
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+
+    async def _parse(self, scope: Scope, receive: Receive, kind: str) -> dict[str, Any]:
+        """The request as ``{"kind", "images": [base64], "level", "threshold", "action"}``."""
+        settings = self.settings
+        body = await _read_body(scope, receive, settings.max_bytes)
+        request = Request(scope)
+        params: dict[str, Any] = dict(request.query_params)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type == "multipart/form-data":
+            images, fields = await _multipart(scope, body, settings.max_images)
+            params.update(fields)
+        elif media_type == "application/json":
+            images, fields = _json_images(body, kind)
+            params.update(fields)
+        elif media_type.startswith("image/") or media_type == "application/octet-stream":
+            images = [body]
+        else:
+            shown = media_type or "none"
+            raise BadRequest(
+                415,
+                f"content type {shown}: send multipart/form-data (image files), "
+                'application/json ({"images": [base64, ...]}) or an image',
+            )
+        if not images:
+            raise BadRequest(400, "no images in the request")
+        if kind == "censor" and len(images) != 1:
+            raise BadRequest(400, f"/v1/censor takes one image, got {len(images)}")
+        if len(images) > settings.max_images:
+            raise BadRequest(
+                413, f"{len(images)} images in one request; at most {settings.max_images}"
+            )
+        job = {
+            "kind": kind,
+            "level": _level(params.get("level", settings.level)),
+            "threshold": _threshold(params.get("threshold", settings.threshold)),
+            "action": _action(params.get("action", settings.action)),
+        }
+        await asyncio.to_thread(_check_images, images)
+        job["images"] = [base64.b64encode(data).decode("ascii") for data in images]
+        return job
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    declared = dict(scope["headers"]).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"the request has {int(declared)} bytes; at most {limit}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest(400, "the client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"the request has more than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _multipart(
+    scope: Scope, body: bytes, max_images: int
+) -> tuple[list[bytes], dict[str, str]]:
+    async def replay() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, replay).form(max_files=max_images + 1, max_fields=50)
+    except (MultiPartException, ValueError) as error:  # python-multipart's are ValueErrors
+        raise BadRequest(400, f"the multipart body cannot be read: {error}") from None
+    images, fields = [], {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            images.append(await value.read())
+        else:
+            fields[name] = value
+    await form.close()
+    return images, fields
+
+
+def _json_images(body: bytes, kind: str) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest(400, "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest(400, 'the JSON body must be an object: {"images": [base64, ...]}')
+    if kind == "censor" and "image" in value:
+        value = {**value, "images": [value.pop("image")]}
+    encoded = value.pop("images", None)
+    if not isinstance(encoded, list):
+        raise BadRequest(400, '"images" must be a list of base64 strings')
+    images = []
+    for index, text in enumerate(encoded):
+        if not isinstance(text, str):
+            raise BadRequest(400, f"images[{index}] is not a base64 string")
+        if text.startswith("data:") and "," in text:  # a data URL, as browsers make them
+            text = text.split(",", 1)[1]
+        try:
+            images.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest(400, f"images[{index}] is not valid base64") from None
+    unknown = sorted(set(value) - {"level", "threshold", "action"})
+    if unknown:
+        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)}")
+    return images, value
+
+
+def _level(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in LEVELS:
+        raise BadRequest(400, f"level {value!r}: expected one of {', '.join(LEVELS)}")
+    return text
+
+
+def _threshold(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        raise BadRequest(400, f"threshold {value!r}: expected a number in [0, 1]")
+    return number
+
+
+def _action(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ACTIONS:
+        raise BadRequest(400, f"action {value!r}: expected one of {', '.join(ACTIONS)}")
+    return text
+
+
+def _check_images(images: list[bytes]) -> None:
+    """What an image's header can tell: empty, not an image, over Pillow's pixel limit. (A file
+    cut short shows only once decoded: the worker answers 422 for it.)"""
+    for index, data in enumerate(images):
+        if not data:
+            raise BadRequest(400, f"images[{index}] is empty")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.width * image.height
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+            raise BadRequest(422, f"images[{index}] is not an image Pillow can read: {e}") from None
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and pixels > limit:
+            raise BadRequest(413, f"images[{index}] has {pixels} pixels, over the limit of {limit}")
+
+
+# The worker: one batched, in-graph check ----------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    kind: str
+    images: list[bytes]
+    level: str
+    threshold: float
+    action: str
+    prepared: list[Prepared | None] | None = None
+    error: str | None = None
+
+
+class ModerationAPI(ls.LitAPI):
+    """LitServe's worker: each batch of requests (any mix of routes, levels and thresholds)
+    is decoded in threads and checked as one in-graph batch; each request gets its verdicts,
+    or its censored image."""
+
+    def __init__(self, settings: ServeSettings):
+        super().__init__(
+            max_batch_size=settings.max_batch_size,
+            batch_timeout=settings.batch_timeout_ms / 1000,
+            api_path=_WORKER_PATH,
+        )
+        self.settings = settings
+
+    def setup(self, device: str) -> None:
+        from .detector import NSFWDetector
+
+        settings = self.settings
+        detector = NSFWDetector.from_pretrained(
+            settings.model,
+            revision=settings.revision,
+            device=device,
+            dtype=getattr(torch, settings.dtype) if settings.dtype else None,
+        )
+        self.scorer = detector.scorer
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+        self.steps = {
+            action: CheckStep(self.scorer, action=action, threshold=0.0) for action in ACTIONS
+        }
+
+    # LitServe reads these two signatures for its route: no annotations (they would be strings
+    # here, from __future__), so it passes the parsed JSON and returns our Response as it is.
+    def decode_request(self, request):  # the gate's canonical JSON, parsed
+        return _Job(
+            request["kind"],
+            [base64.b64decode(text) for text in request["images"]],
+            request["level"],
+            request["threshold"],
+            request["action"],
+        )
+
+    def batch(self, inputs: list[_Job]) -> list[_Job]:
+        return inputs
+
+    def predict(self, jobs: list[_Job] | _Job) -> list[Any] | Any:
+        if isinstance(jobs, _Job):  # --max-batch-size 1: LitServe passes requests one by one
+            return self.predict([jobs])[0]
+        preprocess = self.scorer.preprocess
+        max_frames = self.settings.max_frames or None
+
+        def prepare(data: bytes) -> Prepared | str:
+            try:
+                return prepare_bytes(data, preprocess, max_frames=max_frames)
+            except Exception as error:  # a file cut short, or odd inside
+                return f"{type(error).__name__}: {error}".strip()
+
+        flat = [data for job in jobs for data in job.images]
+        prepared = list(self.pool.map(prepare, flat))
+        images, levels, thresholds = [], [], []
+        position = 0
+        for job in jobs:
+            results = prepared[position : position + len(job.images)]
+            position += len(job.images)
+            bad = next(((i, r) for i, r in enumerate(results) if isinstance(r, str)), None)
+            if bad is not None:
+                job.error = f"images[{bad[0]}] could not be decoded: {bad[1]}"
+                continue
+            images += results
+            levels += [NSFWLevel.parse(job.level).index] * len(results)
+            thresholds += [job.threshold] * len(results)
+        verdicts = iter(self._verdicts(images, levels, thresholds))
+        metrics = _metrics()
+        metrics.batch_requests.observe(len(jobs))
+        metrics.batch_images.observe(len(images))
+        outputs = []
+        for job in jobs:
+            if job.error is not None:
+                outputs.append(job)
+                continue
+            job_verdicts = [next(verdicts) for _ in job.images]
+            for verdict in job_verdicts:
+                metrics.images.labels(verdict["level"]).inc()
+            outputs.append((job, job_verdicts))
+        return outputs
+
+    def _verdicts(
+        self, images: list[Prepared], levels: list[int], thresholds: list[float]
+    ) -> list[dict[str, Any]]:
+        """Each image's verdict at its own level and threshold, in-graph; one host transfer."""
+        if not images:
+            return []
+        device = next(self.scorer.parameters()).device
+        batch_size = self.settings.max_batch_size * 2
+        with torch.inference_mode():
+            frames, verifiable, owners = classify_prepared(images, self.scorer, batch_size)
+            scores, verifiable = worst_frames(frames, verifiable, owners, len(images))
+            threshold = torch.tensor(thresholds, device=device)
+            level = torch.tensor(levels, device=device)
+            found = levels_from_scores(scores, threshold[:, None])
+            at_level = scores.gather(1, level[:, None])[:, 0]
+            flags = (at_level >= threshold) | ~verifiable
+            table = torch.cat([scores, found[:, None], flags[:, None]], dim=1).tolist()
+        return [
+            {
+                "level": NSFWLevel.parse(int(row[4])).value,
+                "scores": dict(zip(_SCORES, row[:4], strict=True)),
+                "flagged": bool(row[5]),
+                "error": None,
+            }
+            for row in table
+        ]
+
+    def unbatch(self, outputs: list[Any]) -> list[Any]:
+        return outputs
+
+    def encode_response(self, output):  # a Response, or a _Job with its error
+        if isinstance(output, _Job):
+            return _error(422, output.error)
+        job, verdicts = output
+        if job.kind == "moderate":
+            return JSONResponse({"model": self.settings.model_name, "results": verdicts})
+        return self._censored(job, verdicts[0])
+
+    def _censored(self, job: _Job, verdict: dict[str, Any]) -> Response:
+        data = job.images[0]
+        headers = {
+            "X-NSFW-Level": verdict["level"],
+            "X-NSFW-Flagged": str(verdict["flagged"]).lower(),
+            "X-NSFW-Scores": ",".join(f"{name}={verdict['scores'][name]:.6f}" for name in _SCORES),
+        }
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = image.format
+        if not verdict["flagged"]:  # the image as it came, byte for byte
+            return Response(
+                data, media_type=Image.MIME.get(fmt, "application/octet-stream"), headers=headers
+            )
+        from .copies import save_censored
+
+        buffer = io.BytesIO()
+        record = {**verdict, "model": self.settings.model_name}
+        written = save_censored(data, buffer, self.steps[job.action], json.dumps(record))
+        headers["X-NSFW-Action"] = job.action
+        media_type = Image.MIME.get(written, "application/octet-stream")
+        return Response(buffer.getvalue(), media_type=media_type, headers=headers)
+
+
+# The server ---------------------------------------------------------------------------------------
+
+
+def build_server(settings: ServeSettings, *, accelerator: str = "auto") -> ls.LitServer:
+    """A LitServer with the gate in front of the worker. ``PROMETHEUS_MULTIPROC_DIR`` must be
+    set (to an empty folder) before it runs, for ``/metrics``.
+
+    Example:
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> import tempfile
+        >>> server = build_server(ServeSettings(model=str(make_checkpoint(tempfile.mkdtemp()))))
+        >>> server.run(host="127.0.0.1", port=8000, generate_client_file=False)  # doctest: +SKIP
+    """
+    import python_multipart  # noqa: F401 - multipart uploads need it: fail now, not per request
+
+    return ls.LitServer(
+        ModerationAPI(settings),
+        accelerator=accelerator,
+        devices=1,
+        workers_per_device=1,
+        timeout=120,
+        middlewares=[(RequestGate, {"settings": settings})],
+        disable_openapi_url=True,
+        model_metadata={"model": settings.model_name},
+    )

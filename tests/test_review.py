@@ -1,0 +1,128 @@
+"""The review server's API in process (Starlette's TestClient, real files): 10,000 records come a
+page at a time, filtered and sorted by the server; decisions are appended and read back; only
+the images the records name are served, and not once they changed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from starlette.testclient import TestClient
+
+from nsfw_guard.records import RECORD_FIELDS, RecordFile
+from nsfw_guard.review import Decisions, create_app, decisions_path
+
+from .conftest import PHOTO_PATHS
+
+
+def record(path: str, level: str, score: float, **values) -> dict:
+    info = os.stat(path) if os.path.exists(path) else None
+    return {
+        **dict.fromkeys(RECORD_FIELDS),
+        "path": path,
+        "realpath": os.path.realpath(path),
+        "level": level,
+        "neutral": 1 - score,
+        "low": score,
+        "medium": score / 2,
+        "high": score / 4,
+        "flagged": score >= 0.5,
+        "bytes": info.st_size if info else 1,
+        "mtime": info.st_mtime if info else 1.0,
+        **values,
+    }
+
+
+@pytest.fixture
+def many(tmp_path):
+    results = tmp_path / "results.jsonl"
+    rows = [record(f"/data/{i:05d}.jpg", "low", (i % 100) / 100) for i in range(10_000)]
+    rows[123] = {
+        **rows[123],
+        "level": None,
+        "error": "OSError: gone",
+        **dict.fromkeys(("neutral", "low", "medium", "high")),
+    }
+    with RecordFile(results) as file:
+        file.write(rows)
+    return results
+
+
+def test_ten_thousand_records_come_a_page_at_a_time(many):
+    client = TestClient(create_app(many))
+    body = client.get("/api/records", params={"limit": 100}).json()
+    assert body["total"] == body["all"] == 10_000 and len(body["records"]) == 100
+    assert body["records"][0]["error"] == "OSError: gone"  # worst first: errors, then scores
+    scores = [r["scores"]["low"] for r in body["records"][1:]]
+    assert scores == sorted(scores, reverse=True) and scores[0] == 0.99
+    flagged = client.get("/api/records", params={"level": "flagged", "offset": 50}).json()
+    assert flagged["total"] == 5_000 and len(flagged["records"]) == 100
+    assert all(r["flagged"] for r in flagged["records"])
+    by_path = client.get("/api/records", params={"sort": "path", "limit": 3}).json()
+    assert [r["path"] for r in by_path["records"]] == [
+        "/data/00000.jpg",
+        "/data/00001.jpg",
+        "/data/00002.jpg",
+    ]
+    assert client.get("/api/records", params={"limit": "x"}).status_code == 400
+    assert client.get("/api/records", params={"sort": "size"}).status_code == 400
+
+
+def test_decisions_are_appended_read_back_and_exported(many):
+    client = TestClient(create_app(many))
+    assert client.post("/api/decisions", json={"index": 5, "decision": "reject"}).status_code == 200
+    assert (
+        client.post("/api/decisions", json={"index": 5, "decision": "approve"}).status_code == 200
+    )
+    assert (
+        client.post("/api/decisions", json={"index": 10**6, "decision": "approve"}).status_code
+        == 400
+    )
+    assert client.post("/api/decisions", json={"index": 1, "decision": "maybe"}).status_code == 400
+    assert client.post("/api/decisions", content=b"{").status_code == 400
+    lines = decisions_path(many).read_text().splitlines()
+    assert [json.loads(line)["decision"] for line in lines] == ["reject", "approve"]
+
+    again = TestClient(create_app(many))  # a restart: the decisions are read back
+    body = again.get("/api/records", params={"sort": "path", "limit": 10}).json()
+    assert body["decided"] == 1 and body["records"][5]["decision"] == "approve"
+    undecided = again.get("/api/records", params={"level": "undecided"}).json()
+    assert undecided["total"] == 9_999
+    exported = again.get("/decisions.csv").text.splitlines()
+    assert exported == [
+        "path,member,decision,time,level,flagged",
+        f"/data/00005.jpg,,approve,{json.loads(lines[1])['time']},low,False",
+    ]
+
+
+def test_a_decisions_file_that_is_not_ours_is_refused(many):
+    decisions_path(many).write_text("my notes\n")
+    with pytest.raises(ValueError, match="line 1: not a decision; is this file nsfw-guard's"):
+        create_app(many)
+    assert decisions_path(many).read_text() == "my notes\n"  # untouched
+
+
+def test_thumbnails_only_of_recorded_images_and_not_once_changed(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(PHOTO_PATHS[0].read_bytes())
+    results = tmp_path / "results.jsonl"
+    with RecordFile(results) as file:
+        file.write([record(str(photo), "low", 0.9)])
+    client = TestClient(create_app(results))
+    thumbnail = client.get("/thumbnail/0")
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+    assert client.get("/thumbnail/1").status_code == 404
+    assert client.get("/thumbnail/0/../../etc/passwd").status_code == 404
+    photo.write_bytes(PHOTO_PATHS[1].read_bytes())  # replaced since the scan
+    fresh = TestClient(create_app(results))
+    changed = fresh.get("/thumbnail/0")
+    assert changed.status_code == 404 and "changed since it was scanned" in changed.text
+
+
+def test_decisions_file_keeps_every_line(tmp_path):
+    decisions = Decisions(tmp_path / "r.decisions.jsonl")
+    for i in range(20):
+        decisions.add(f"{i}.jpg", None, "approve" if i % 2 else "reject")
+    assert len((tmp_path / "r.decisions.jsonl").read_text().splitlines()) == 20
+    assert len(Decisions(tmp_path / "r.decisions.jsonl").latest()) == 20

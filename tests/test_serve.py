@@ -1,0 +1,437 @@
+"""`nsfw-guard serve` as a real process on a free local port, driven by a real HTTP client
+(httpx): scores equal NSFWDetector's, per-request level and threshold, censoring, every kind of
+bad input answered with its 4xx (the server still answering after), 64 concurrent requests
+batched, the API key enforced, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from nsfw_guard import NSFWDetector
+
+from .conftest import PHOTO_PATHS
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SCORES = ("neutral", "low", "medium", "high")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(checkpoint: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """``nsfw-guard serve`` on a free port; returns once /healthz answers 200."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    command = [sys.executable, "-m", "nsfw_guard", "serve", "--model", str(checkpoint)]
+    command += ["--port", str(port), "--device", "cpu", "--dtype", "float32", *options]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server ended: {process.stdout.read().decode()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError("the server did not start in 180 s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(sharp_checkpoint) -> Iterator[str]:
+    options = ["--api-key", KEY, "--max-batch-size", "8", "--batch-timeout-ms", "100"]
+    options += ["--max-bytes", "3000000", "--max-images", "8"]
+    process, url = start_server(sharp_checkpoint, *options)
+    yield url
+    stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def expected(sharp_checkpoint) -> dict[str, list[float]]:
+    detector = NSFWDetector.from_pretrained(sharp_checkpoint, device="cpu", dtype=torch.float32)
+    scores = {}
+    for path in PHOTO_PATHS:
+        with Image.open(path) as image:
+            scores[path.name] = detector.scores([image])[0].tolist()
+    return scores
+
+
+def post(url: str, path: str, **kwargs) -> httpx.Response:
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    return httpx.post(url + path, headers=headers, timeout=60, **kwargs)
+
+
+def scores_of(result: dict) -> list[float]:
+    return [result["scores"][name] for name in SCORES]
+
+
+def test_moderate_scores_equal_the_detector_in_request_order(server, expected):
+    photos = PHOTO_PATHS[:4]
+    files = [("image", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+    response = post(server, "/v1/moderate", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] and len(body["results"]) == len(photos)
+    for photo, result in zip(photos, body["results"], strict=True):
+        assert scores_of(result) == pytest.approx(expected[photo.name], abs=1e-4)
+        assert result["error"] is None
+        assert result["flagged"] == (result["scores"]["medium"] >= 0.5)
+
+    # The same images as JSON base64 (one as a data URL), and one as a raw body.
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in photos]
+    encoded[1] = "data:image/jpeg;base64," + encoded[1]
+    as_json = post(server, "/v1/moderate", json={"images": encoded})
+    assert as_json.status_code == 200 and as_json.json()["results"] == body["results"]
+    raw = post(
+        server,
+        "/v1/moderate",
+        content=photos[0].read_bytes(),
+        headers={"content-type": "image/jpeg"},
+    )
+    assert raw.json()["results"] == body["results"][:1]
+
+
+def test_level_and_threshold_per_request(server):
+    photo = PHOTO_PATHS[0].read_bytes()
+    everything = post(
+        server,
+        "/v1/moderate",
+        json={"images": [base64.b64encode(photo).decode()], "level": "high", "threshold": 0.0},
+    ).json()["results"][0]
+    nothing = post(
+        server,
+        "/v1/moderate?level=low&threshold=1",
+        content=photo,
+        headers={"content-type": "image/jpeg"},
+    ).json()["results"][0]
+    assert everything["flagged"] and everything["level"] == "high"
+    assert not nothing["flagged"] and nothing["level"] == "neutral"
+
+
+def test_censor_returns_the_censored_image_or_the_original(server):
+    photo = PHOTO_PATHS[0]
+    data = photo.read_bytes()
+    files = {"image": (photo.name, data, "image/jpeg")}
+    flagged = post(server, "/v1/censor", files=files, data={"threshold": "0", "action": "blank"})
+    assert flagged.status_code == 200, flagged.text
+    assert flagged.headers["content-type"] == "image/jpeg"
+    assert flagged.headers["x-nsfw-flagged"] == "true"
+    assert flagged.headers["x-nsfw-action"] == "blank"
+    with Image.open(io.BytesIO(flagged.content)) as image, Image.open(photo) as original:
+        assert image.size == original.size and image.format == "JPEG"
+        assert max(image.convert("L").getextrema()) <= 8  # blanked black
+    clean = post(server, "/v1/censor?threshold=1", files=files)
+    assert clean.headers["x-nsfw-flagged"] == "false"
+    assert clean.content == data  # byte for byte
+    assert re.fullmatch(
+        r"neutral=[\d.]+,low=[\d.]+,medium=[\d.]+,high=[\d.]+", clean.headers["x-nsfw-scores"]
+    )
+
+
+def bad_requests() -> list[tuple[str, dict, int, str]]:
+    photo = PHOTO_PATHS[0].read_bytes()
+    bomb = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")  # 100 MP in a few kB
+    jpeg = {"content-type": "image/jpeg"}
+    return [
+        ("/v1/moderate", {"content": b"not an image", "headers": jpeg}, 422, "not an image"),
+        ("/v1/moderate", {"content": photo[: len(photo) // 3], "headers": jpeg}, 422, "decoded"),
+        ("/v1/moderate", {"content": b"", "headers": jpeg}, 400, "images[0] is empty"),
+        ("/v1/moderate", {"json": {"images": [""]}}, 400, "images[0] is empty"),
+        ("/v1/moderate", {"content": bomb.getvalue(), "headers": jpeg}, 413, "pixels"),
+        ("/v1/moderate", {"content": b"x" * 3_000_001, "headers": jpeg}, 413, "bytes"),
+        ("/v1/moderate", {"json": {"images": ["AAAA"] * 9}}, 413, "at most 8"),
+        (
+            "/v1/moderate",
+            {"content": b"hello", "headers": {"content-type": "text/plain"}},
+            415,
+            "content type text/plain",
+        ),
+        ("/v1/moderate", {"json": {"images": ["not base64!"]}}, 400, "not valid base64"),
+        (
+            "/v1/moderate",
+            {"content": b"{oops", "headers": {"content-type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
+        ("/v1/moderate", {"json": {"images": "AAAA"}}, 400, "must be a list"),
+        ("/v1/moderate", {"json": {"images": [], "url": "http://x"}}, 400, "unknown field(s): url"),
+        ("/v1/moderate", {"json": {"images": []}}, 400, "no images"),
+        ("/v1/moderate?level=extreme", {"content": photo, "headers": jpeg}, 400, "level"),
+        ("/v1/moderate?threshold=2", {"content": photo, "headers": jpeg}, 400, "threshold"),
+        ("/v1/moderate?threshold=nan", {"content": photo, "headers": jpeg}, 400, "threshold"),
+        ("/v1/censor?action=melt", {"content": photo, "headers": jpeg}, 400, "action"),
+        (
+            "/v1/censor",
+            {"json": {"images": [base64.b64encode(photo).decode()] * 2}},
+            400,
+            "one image",
+        ),
+        ("/v1/moderate", {"files": {"image": ("x.jpg", b"", "image/jpeg")}}, 400, "empty"),
+        (
+            "/v1/moderate",
+            {
+                "content": b"--x\r\nbroken",
+                "headers": {"content-type": "multipart/form-data; boundary=x"},
+            },
+            400,
+            "no images",
+        ),
+    ]
+
+
+def test_every_bad_input_gets_its_4xx_and_the_server_goes_on(server):
+    for path, kwargs, status, message in bad_requests():
+        response = post(server, path, **kwargs)
+        assert response.status_code == status, (path, status, response.text[:300])
+        error = response.json()["error"]
+        assert error["status"] == status and message in error["message"], error
+    assert httpx.get(server + "/v1/moderate", headers=AUTH).status_code == 405
+    assert httpx.get(server + "/healthz").status_code == 200
+    photo = PHOTO_PATHS[1].read_bytes()
+    ok = post(server, "/v1/moderate", content=photo, headers={"content-type": "image/jpeg"})
+    assert ok.status_code == 200
+
+
+def test_a_bad_image_in_a_batch_fails_only_its_own_request(server):
+    """A file cut short is found only when the worker decodes it: the requests batched with
+    it are answered as usual."""
+    photo = PHOTO_PATHS[0].read_bytes()
+    jpeg = {"content-type": "image/jpeg"}
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=60) as client:
+            bodies = [photo, photo[: len(photo) // 2], photo, photo]
+            calls = [client.post("/v1/moderate", content=b, headers=jpeg) for b in bodies]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200, 422, 200, 200]
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)
+
+
+def test_64_concurrent_requests_are_answered_and_batched(server, expected):
+    photos = PHOTO_PATHS
+    before = httpx.get(server + "/metrics", headers=AUTH).text
+
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(
+            base_url=server, headers=AUTH, timeout=120, limits=limits
+        ) as client:
+            calls = [
+                client.post(
+                    "/v1/moderate",
+                    content=photos[i % len(photos)].read_bytes(),
+                    headers={"content-type": "image/jpeg"},
+                )
+                for i in range(64)
+            ]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(run())
+    assert all(r.status_code == 200 for r in responses)
+    for i, response in enumerate(responses):
+        scores = scores_of(response.json()["results"][0])
+        assert scores == pytest.approx(expected[photos[i % len(photos)].name], abs=1e-4)
+    after = httpx.get(server + "/metrics", headers=AUTH).text
+    batches = metric(after, "nsfw_guard_batch_requests_count") - metric(
+        before, "nsfw_guard_batch_requests_count"
+    )
+    requests = metric(after, "nsfw_guard_batch_requests_sum") - metric(
+        before, "nsfw_guard_batch_requests_sum"
+    )
+    assert requests == 64 and batches < 64, (requests, batches)  # some batch held several
+    assert 'nsfw_guard_requests_total{route="/v1/moderate",status="200"}' in after
+    assert "nsfw_guard_request_seconds_bucket" in after
+    assert 'nsfw_guard_errors_total{route="/v1/moderate",status="422"}' in after
+
+
+def test_the_api_key_is_required_everywhere_but_healthz_and_the_page(server):
+    photo = PHOTO_PATHS[0].read_bytes()
+    jpeg = {"content-type": "image/jpeg"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        response = httpx.post(server + "/v1/moderate", content=photo, headers={**jpeg, **headers})
+        assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
+        assert httpx.get(server + "/metrics", headers=headers).status_code == 401
+        assert (
+            httpx.post(
+                server + "/v1/censor", content=photo, headers={**jpeg, **headers}
+            ).status_code
+            == 401
+        )
+    assert httpx.get(server + "/healthz").status_code == 200
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and "nsfw-guard" in page.text
+    assert httpx.post(server + "/internal/check", headers=AUTH, json={}).status_code == 404
+
+
+# The pages, in a real headless browser ------------------------------------------------------------
+
+SCREENSHOTS = os.environ.get("NSFW_GUARD_SCREENSHOTS")  # a folder: keep the pages' screenshots
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.fail("the page tests need Chromium: apt-get install chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def screenshot(page, name: str, tmp_path: Path) -> None:
+    folder = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name))
+    assert (folder / name).stat().st_size > 1000
+
+
+def test_the_page_checks_a_dropped_image_and_shows_the_original_on_click(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    page.goto(server + "/")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.fill("#threshold", "0")  # everything flagged: the preview is censored
+    page.set_input_files("#files", [str(PHOTO_PATHS[0]), str(PHOTO_PATHS[2])])
+    page.wait_for_selector(".card .level >> nth=1", timeout=60_000)
+    cards = page.locator(".card")
+    assert cards.count() == 2
+    for i in range(2):
+        card = cards.nth(i)
+        assert "flagged" in card.locator(".level").inner_text()
+        assert card.locator(".bar").count() == 4
+        assert card.locator("img.preview").get_attribute("alt").startswith("censored preview")
+    screenshot(page, "moderate.png", tmp_path)
+    card = cards.nth(0)
+    censored = card.locator("img.preview").get_attribute("src")
+    card.locator("button.original").click()
+    assert card.locator("img.preview").get_attribute("src") != censored
+    assert card.locator("img.preview").get_attribute("alt").startswith("original of")
+    page.close()
+
+
+def test_the_review_page_saves_keyboard_decisions_that_survive_a_reload(
+    level_checkpoints, browser, tmp_path, capsys
+):
+    from nsfw_guard.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in PHOTO_PATHS:
+        (photos / photo.name).write_bytes(photo.read_bytes())
+    results = tmp_path / "results.jsonl"
+    options = ["--device", "cpu", "--workers", "0", "--quiet", "--output", str(results)]
+    main(["scan", str(photos), "--model", str(level_checkpoints["medium"]), *options])
+    capsys.readouterr()
+    port = free_port()
+    command = [sys.executable, "-m", "nsfw_guard", "review", str(results), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+            time.sleep(0.2)
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(url)
+        page.wait_for_selector(".card >> nth=6")
+        assert page.locator(".card").count() == len(PHOTO_PATHS)
+        assert page.locator(".card.flagged").count() == len(PHOTO_PATHS)  # blurred
+        page.wait_for_function(
+            "[...document.querySelectorAll('.thumb')].every(i => i.complete && i.naturalWidth)"
+        )
+        first = page.locator(".card").nth(0).get_attribute("title")
+        page.keyboard.press("r")  # reject the first, move to the second
+        page.keyboard.press("a")  # approve the second
+        page.wait_for_selector(".card.approve")
+        assert "2 decided" in page.locator("#summary").inner_text()
+        decisions = [
+            json.loads(line)
+            for line in (tmp_path / "results.decisions.jsonl").read_text().splitlines()
+        ]
+        assert [d["decision"] for d in decisions] == ["reject", "approve"]
+        assert decisions[0]["path"] == first and decisions[0]["member"] is None
+        screenshot(page, "review.png", tmp_path)
+
+        page.reload()
+        page.wait_for_selector(".card.reject")
+        assert page.locator(".card").nth(0).locator(".decision").inner_text().lower() == "reject"
+        assert page.locator(".card").nth(1).locator(".decision").inner_text().lower() == "approve"
+        assert "2 decided" in page.locator("#summary").inner_text()
+        page.select_option("#level", "undecided")
+        page.wait_for_function("document.querySelectorAll('.card').length === 5")
+        exported = httpx.get(url + "decisions.csv").text.splitlines()
+        assert exported[0] == "path,member,decision,time,level,flagged"
+        assert len(exported) == 3 and exported[1].startswith(first + ",,reject,")
+        assert httpx.get(url + "thumbnail/99").status_code == 404
+        page.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_worker_takes_one_request_at_a_time_without_batching(sharp_checkpoint, expected):
+    """With --max-batch-size 1 LitServe hands the worker single requests, not lists."""
+    from nsfw_guard.serve import ModerationAPI, ServeSettings
+
+    worker = ModerationAPI(ServeSettings(model=str(sharp_checkpoint), dtype="float32"))
+    worker.setup("cpu")
+    photo = PHOTO_PATHS[0]
+    request = {
+        "kind": "moderate",
+        "level": "medium",
+        "threshold": 0.5,
+        "action": "blur",
+        "images": [base64.b64encode(photo.read_bytes()).decode()],
+    }
+    response = worker.encode_response(worker.predict(worker.decode_request(request)))
+    result = json.loads(response.body)["results"][0]
+    assert scores_of(result) == pytest.approx(expected[photo.name], abs=1e-4)
