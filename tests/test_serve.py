@@ -435,3 +435,19 @@ def test_the_worker_takes_one_request_at_a_time_without_batching(sharp_checkpoin
     response = worker.encode_response(worker.predict(worker.decode_request(request)))
     result = json.loads(response.body)["results"][0]
     assert scores_of(result) == pytest.approx(expected[photo.name], abs=1e-4)
+
+
+def test_serve_says_what_is_wrong_before_starting(capsys):
+    from nsfw_guard.cli import EXIT_USAGE, main
+
+    assert main(["serve", "--model", "./no/such/folder"]) == EXIT_USAGE
+    assert "no model folder at './no/such/folder'" in capsys.readouterr().err
+    for args, message in [
+        (["--port", "80"], "--port 80: expected 1024 to 65535"),
+        (["--threshold", "1.5"], "--threshold 1.5: expected a number in [0, 1]"),
+        (["--max-batch-size", "0"], "--max-batch-size 0: expected 1 or more"),
+        (["--host", "example.com"], "invalid choice: 'example.com'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["serve", *args])
+        assert exit_info.value.code == EXIT_USAGE and message in capsys.readouterr().err

@@ -297,16 +297,20 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(f"--threshold {args.threshold}: expected a number in [0, 1]")
     if not 1024 <= args.port <= 65535:
         parser.error(f"--port {args.port}: expected 1024 to 65535")
-    if args.model and Path(args.model).exists() and not Path(args.model).is_dir():
-        parser.error(f"--model {args.model}: not a folder or a Hub id")
+    from .model import resolve_folder
+
+    try:  # here, once: the worker then loads from the folder (or the Hub's cache)
+        model = str(resolve_folder(args.model, revision=args.revision))
+    except OSError as error:
+        _say(f"nsfw-guard: error: {_shown(str(error))}")
+        return EXIT_USAGE
     with tempfile.TemporaryDirectory(prefix="nsfw-guard-metrics-") as metrics:
         # Every process of the server (they inherit this) writes its metrics there.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics)
         from .serve import ServeSettings, build_server
 
         settings = ServeSettings(
-            model=args.model,
-            revision=args.revision,
+            model=model,
             dtype=None if args.dtype == "auto" else args.dtype,
             level=args.level,
             threshold=args.threshold,
