@@ -138,6 +138,7 @@ def test_parquet_files_binary_struct_and_named_columns(
     pq.write_table(pa.table({"image": structs}), tmp_path / "hf.parquet")
     pq.write_table(pa.table({"pixels": data}), tmp_path / "named.parquet")
     pq.write_table(pa.table({"image": ["http://x/a.jpg"]}), tmp_path / "urls.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet PAR1")
     output = tmp_path / "r.jsonl"
     code, err = scan(capsys, tmp_path, "--model", sharp_checkpoint, "--output", output)
     assert code == EXIT_FILE_ERRORS, err
@@ -155,6 +156,7 @@ def test_parquet_files_binary_struct_and_named_columns(
     assert (
         "column 'image' holds string, not image bytes" in records[("urls.parquet", None)]["error"]
     )
+    assert "not a readable parquet file" in records[("broken.parquet", None)]["error"]
 
     named = tmp_path / "named.jsonl"
     parquet = tmp_path / "named.parquet"
