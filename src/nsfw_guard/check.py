@@ -20,7 +20,15 @@ from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_
 from .preprocess import to_unit_range, unit_affine
 from .scoring import NSFWScorer
 
-__all__ = ["FLAGGED_RANGES", "CheckOutput", "CheckStep", "Verdicts", "from_unit_range"]
+__all__ = [
+    "FLAGGED_RANGES",
+    "CheckOutput",
+    "CheckStep",
+    "Verdicts",
+    "from_unit_range",
+    "levels_and_flags",
+    "worst_frames",
+]
 
 FLAGGED_RANGES = ("unit", "input")
 """Where censored images come back: ``"unit"`` in [0, 1] (what diffusers' Stable Diffusion
@@ -121,9 +129,18 @@ class CheckStep(nn.Module):
         return CheckOutput(out, flags, verdicts.scores.to(device), verifiable)
 
     def verdicts(
-        self, scores: Tensor, verifiable: Tensor, owners: Tensor | None = None, count: int = 0
+        self,
+        scores: Tensor,
+        verifiable: Tensor,
+        owners: Tensor | None = None,
+        count: int = 0,
+        *,
+        levels: Tensor | None = None,
+        thresholds: Tensor | None = None,
     ) -> Verdicts:
-        """Levels and flags from ``[N, 4]`` scores (see :meth:`NSFWScorer.classify`).
+        """Levels and flags from ``[N, 4]`` scores (see :meth:`NSFWScorer.classify`), at the
+        step's level and threshold, or at each image's own (``levels``: level indices,
+        ``thresholds``: ``[count]`` tensors; see :func:`levels_and_flags`).
 
         With ``owners`` (``[N]`` int64, the image each row belongs to) and ``count`` images, the
         rows are frames: an image scores as its worst frame, level by level, and is verifiable
@@ -143,9 +160,10 @@ class CheckStep(nn.Module):
         """
         if owners is not None:
             scores, verifiable = worst_frames(scores, verifiable, owners, count)
-        levels = levels_from_scores(scores, self.threshold)
-        flags = (scores[:, self.level.index] >= self.threshold) | ~verifiable
-        return Verdicts(scores, levels, flags, verifiable)
+        level = self.level.index if levels is None else levels
+        threshold = self.threshold if thresholds is None else thresholds
+        found, flags = levels_and_flags(scores, verifiable, level, threshold)
+        return Verdicts(scores, found, flags, verifiable)
 
     def censor(
         self,
@@ -166,6 +184,33 @@ class CheckStep(nn.Module):
         if flagged_range == "input":
             censored = from_unit_range(censored, images, value_range)
         return torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
+
+
+def levels_and_flags(
+    scores: Tensor, verifiable: Tensor, level: int | Tensor, threshold: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Each image's level (the highest whose score is ``>= threshold``) and flag (its score at
+    ``level`` is ``>= threshold``, or it is not ``verifiable``), from ``[N, 4]`` scores: the one
+    place a verdict is decided. ``level`` (an index) and ``threshold`` are one for every image,
+    or ``[N]`` tensors, one each. In-graph, in the scores' dtype.
+
+    Example:
+        >>> scores = torch.tensor([[0.1, 0.9, 0.6, 0.2], [0.1, 0.9, 0.6, 0.2]])
+        >>> ok = torch.tensor([True, True])
+        >>> levels_and_flags(scores, ok, 2, 0.5)
+        (tensor([2, 2]), tensor([True, True]))
+        >>> levels_and_flags(scores, ok, torch.tensor([2, 3]), torch.tensor([0.5, 0.1]))
+        (tensor([2, 3]), tensor([True, True]))
+    """
+    if isinstance(threshold, Tensor):
+        levels = levels_from_scores(scores, threshold[:, None])
+    else:
+        levels = levels_from_scores(scores, threshold)
+    if isinstance(level, Tensor):
+        at_level = scores.gather(1, level[:, None])[:, 0]
+    else:
+        at_level = scores[:, level]
+    return levels, (at_level >= threshold) | ~verifiable
 
 
 def worst_frames(

@@ -115,10 +115,16 @@ def prepare_array(array: np.ndarray | Tensor, preprocess: Preprocess) -> Prepare
 
 
 def check_prepared(
-    images: Sequence[Prepared], step: CheckStep, batch_size: int = 16
+    images: Sequence[Prepared],
+    step: CheckStep,
+    batch_size: int = 16,
+    *,
+    levels: Sequence[NSFWLevel] | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> list[Verdict]:
     """Each image's verdict: its frames classified ``batch_size`` at a time on the step's
     device, an image as bad as its worst frame (:meth:`CheckStep.verdicts`), one host transfer.
+    ``levels`` and ``thresholds`` give each image its own, in place of the step's.
 
     Example:
         >>> import tempfile
@@ -135,7 +141,17 @@ def check_prepared(
         return []
     with torch.inference_mode():
         scores, verifiable, owners = classify_prepared(images, step.scorer, batch_size)
-        verdicts = step.verdicts(scores, verifiable, owners, len(images))
+        device = scores.device
+        verdicts = step.verdicts(
+            scores,
+            verifiable,
+            owners,
+            len(images),
+            levels=None
+            if levels is None
+            else torch.tensor([v.index for v in levels], device=device),
+            thresholds=None if thresholds is None else torch.tensor(thresholds, device=device),
+        )
         table = torch.cat(
             [verdicts.scores, verdicts.levels[:, None], verdicts.flags[:, None]], dim=1
         ).tolist()  # the one host transfer

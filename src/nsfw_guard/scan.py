@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import censor
-from .check import CheckStep
+from .check import CheckStep, levels_and_flags
 from .copies import CopyFolder
-from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
+from .levels import NSFWLevel, check_threshold, parse_check_level
 from .prepared import check_prepared, prepare_bytes
 from .preprocess import DataConfig, Preprocess
 from .records import RECORD_FIELDS, RecordFile, part_path, part_paths, read_records, record_key
@@ -405,13 +405,11 @@ def _reflagged(record: dict[str, Any], settings: ScanSettings) -> dict[str, Any]
     scores = [record[name] for name in ("neutral", "low", "medium", "high")]
     if any(score is None for score in scores):
         return record
-    table = torch.tensor([scores])  # float32, compared as the check step compares
-    level = levels_from_scores(table, settings.threshold)
-    return {
-        **record,
-        "level": NSFWLevel.parse(int(level[0])).value,
-        "flagged": bool(table[0, settings.level.index] >= settings.threshold),
-    }
+    table = torch.tensor([scores])  # float32, as the check step decides
+    levels, flags = levels_and_flags(
+        table, torch.tensor([True]), settings.level.index, settings.threshold
+    )
+    return {**record, "level": NSFWLevel.parse(int(levels[0])).value, "flagged": bool(flags[0])}
 
 
 def _more_frames_wanted(record: dict[str, Any], max_frames: int | None) -> bool:

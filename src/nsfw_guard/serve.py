@@ -47,9 +47,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import DEFAULT_MODEL
-from .check import CheckStep, worst_frames
-from .levels import NSFWLevel, levels_from_scores
-from .prepared import Prepared, classify_prepared, prepare_bytes
+from .check import CheckStep
+from .levels import NSFWLevel
+from .prepared import Prepared, check_prepared, prepare_bytes
 
 __all__ = ["ACTIONS", "LEVELS", "ModerationAPI", "RequestGate", "ServeSettings", "build_server"]
 
@@ -465,7 +465,7 @@ class ModerationAPI(ls.LitAPI):
                 job.error = f"images[{bad[0]}] could not be decoded: {bad[1]}"
                 continue
             images += results
-            levels += [NSFWLevel.parse(job.level).index] * len(results)
+            levels += [NSFWLevel.parse(job.level)] * len(results)
             thresholds += [job.threshold] * len(results)
         verdicts = iter(self._verdicts(images, levels, thresholds))
         metrics = _metrics()
@@ -483,30 +483,24 @@ class ModerationAPI(ls.LitAPI):
         return outputs
 
     def _verdicts(
-        self, images: list[Prepared], levels: list[int], thresholds: list[float]
+        self, images: list[Prepared], levels: list[NSFWLevel], thresholds: list[float]
     ) -> list[dict[str, Any]]:
         """Each image's verdict at its own level and threshold, in-graph; one host transfer."""
-        if not images:
-            return []
-        device = next(self.scorer.parameters()).device
-        batch_size = self.settings.max_batch_size * 2
-        with torch.inference_mode():
-            frames, verifiable, owners = classify_prepared(images, self.scorer, batch_size)
-            scores, verifiable = worst_frames(frames, verifiable, owners, len(images))
-            threshold = torch.tensor(thresholds, device=device)
-            level = torch.tensor(levels, device=device)
-            found = levels_from_scores(scores, threshold[:, None])
-            at_level = scores.gather(1, level[:, None])[:, 0]
-            flags = (at_level >= threshold) | ~verifiable
-            table = torch.cat([scores, found[:, None], flags[:, None]], dim=1).tolist()
+        verdicts = check_prepared(
+            images,
+            self.steps["blur"],  # any: levels and thresholds are the images' own
+            self.settings.max_batch_size * 2,
+            levels=levels,
+            thresholds=thresholds,
+        )
         return [
             {
-                "level": NSFWLevel.parse(int(row[4])).value,
-                "scores": dict(zip(_SCORES, row[:4], strict=True)),
-                "flagged": bool(row[5]),
+                "level": verdict.level.value,
+                "scores": dict(zip(_SCORES, verdict.scores, strict=True)),
+                "flagged": verdict.flagged,
                 "error": None,
             }
-            for row in table
+            for verdict in verdicts
         ]
 
     def unbatch(self, outputs: list[Any]) -> list[Any]:
