@@ -292,15 +292,14 @@ class _ScanActor:
     ):
         if threads:
             torch.set_num_threads(threads)
-        detector = NSFWDetector.from_pretrained(
+        self.step = NSFWClassifier(  # the classifier's model and check step, loaded once
             model,
+            level=settings.level,
+            threshold=settings.threshold,
             device=device,
-            dtype=getattr(torch, dtype) if dtype else None,
+            dtype=dtype,
             revision=revision,
-        )
-        self.step = CheckStep(
-            detector.scorer, level=settings.level, threshold=settings.threshold, action="none"
-        )
+        ).step
         self.settings = settings
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:

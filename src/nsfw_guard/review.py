@@ -22,7 +22,7 @@ import io
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -132,6 +132,12 @@ class ReviewApp:
         self.results = Path(results)
         self.items = [_Item(i, record) for i, record in enumerate(read_records(self.results))]
         self.decisions = Decisions(decisions_path(self.results))
+        self.counts = dict(  # records per level ("error" for errors): they never change
+            Counter(
+                "error" if item.record.get("error") else item.record.get("level") or "none"
+                for item in self.items
+            )
+        )
         self.page = resources.files("nsfw_guard").joinpath("web/review.html").read_bytes()
         self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
         self._cache_size = cache_size
@@ -165,15 +171,11 @@ class ReviewApp:
             selected.sort(key=lambda item: -item.score())
         else:
             selected.sort(key=lambda item: item.key[0] + "\0" + (item.key[1] or ""))
-        counts: dict[str, int] = {}
-        for item in self.items:
-            level = "error" if item.record.get("error") else item.record.get("level") or "none"
-            counts[level] = counts.get(level, 0) + 1
         return JSONResponse(
             {
                 "total": len(selected),
                 "all": len(self.items),
-                "counts": counts,
+                "counts": self.counts,
                 "decided": sum(1 for item in self.items if item.key in latest),
                 "records": [
                     _shown(item, latest.get(item.key)) for item in selected[offset : offset + limit]

@@ -172,8 +172,8 @@ def find_images(
         item = _scan_input(path, relative, error)
         if item.realpath in found:
             return
-        is_shard = path.suffix.lower() in SHARD_EXTENSIONS and item.bytes >= 0
-        if item.error is None and is_shard:
+        shard = path.suffix.lower() in SHARD_EXTENSIONS and item.bytes >= 0
+        if item.error is None and shard:
             found[item.realpath] = list(_shard_inputs(item, image_column))
         else:
             found[item.realpath] = [item]
@@ -381,26 +381,20 @@ def read_input(item: ScanInput) -> bytes:
     return _parquet_cell(item)
 
 
-_row_groups: dict[str, Any] = {}  # the last row group read, per process: rows come in order
+# The row group read last, per process: rows come in order, so most cells are found in it
+# without opening the file again. Keyed by the file's version and the column.
+_last_group: dict[tuple[str, int, float, str | None], tuple[int, Any]] = {}
 
 
 def _parquet_cell(item: ScanInput) -> bytes:
     member = item.member
-    parquet = _parquet_file(item.path)
-    start = 0
-    for group in range(parquet.metadata.num_row_groups):
-        rows = parquet.metadata.row_group(group).num_rows
-        if member.offset < start + rows:
-            break
-        start += rows
-    else:
-        raise ShardError(f"no row {member.offset}: the file has {start} rows")
-    cache_key = f"{item.realpath}\0{item.bytes}\0{item.mtime}\0{group}\0{member.column}"
-    values = _row_groups.get(cache_key)
-    if values is None:
-        _row_groups.clear()
-        values = parquet.read_row_group(group, columns=[member.column]).column(0)
-        _row_groups[cache_key] = values
+    key = (item.realpath, item.bytes, item.mtime, member.column)
+    cached = _last_group.get(key)
+    if cached is None or not cached[0] <= member.offset < cached[0] + len(cached[1]):
+        cached = _row_group(item.path, member.offset, member.column)
+        _last_group.clear()
+        _last_group[key] = cached
+    start, values = cached
     value = values[member.offset - start].as_py()
     if isinstance(value, dict):  # a Hugging Face image struct
         value = value.get("bytes")
@@ -408,3 +402,15 @@ def _parquet_cell(item: ScanInput) -> bytes:
         what = "nothing" if value is None else f"a {type(value).__name__}"
         raise ShardError(f"{what} where the image's bytes were expected")
     return value
+
+
+def _row_group(path: Path, row: int, column: str | None) -> tuple[int, Any]:
+    """``(its first row, its values)``: the row group of ``column`` that holds ``row``."""
+    parquet = _parquet_file(path)
+    start = 0
+    for group in range(parquet.metadata.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if row < start + rows:
+            return start, parquet.read_row_group(group, columns=[column]).column(0)
+        start += rows
+    raise ShardError(f"no row {row}: the file has {start} rows")
