@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -205,27 +206,11 @@ def test_scan_engine_ray_gives_the_local_records(cluster, sharp_checkpoint, tmp_
 def test_a_killed_ray_scan_resumes(cluster, sharp_checkpoint, tmp_path, capsys):
     """A scan on its own local cluster, killed (SIGKILL, with its Ray processes) mid-way: the
     records written are kept, and --resume scans exactly the rest."""
-    rng = np.random.default_rng(0)
-    images = []
-    for i in range(120):
-        pixels = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        images.append((f"{i:04d}.png", buffer.getvalue()))
-    shard = tmp_path / "shard.tar"
-    with tarfile.open(shard, "w") as tar:
-        for name, data in images:
-            _add(tar, name, data)
+    shard, images = _many_images(tmp_path)
     output = tmp_path / "r.jsonl"
     options = ["--model", sharp_checkpoint, "--batch-size", 1, "--output", output]
-    command = [sys.executable, "-m", "nsfw_guard", "scan", shard, "--engine", "ray"]
-    command += ["--device", "cpu", "--quiet", *options]
-    process = subprocess.Popen(list(map(str, command)), stderr=subprocess.DEVNULL)
+    process = _start_ray_scan(shard, options, output, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        if output.is_file() and output.read_text().count("\n") >= 5:
-            break
-        time.sleep(0.01)
     processes = [process.pid, *_descendants(process.pid)]
     for pid in processes:
         with contextlib.suppress(ProcessLookupError):
@@ -243,3 +228,54 @@ def test_a_killed_ray_scan_resumes(cluster, sharp_checkpoint, tmp_path, capsys):
     assert f"{done} already done" in capsys.readouterr().err
     records = read_records(output)
     assert sorted(r["member"] for r in records) == [name for name, _ in images]
+
+
+def test_a_ray_scan_stops_on_sigterm_after_the_batch_in_flight(sharp_checkpoint, tmp_path):
+    """SIGTERM (or Ctrl-C) stops a Ray scan as it stops a local one: records kept, exit 130, the
+    command that continues, and the local cluster it started shut down."""
+    shard, images = _many_images(tmp_path)
+    output = tmp_path / "r.jsonl"
+    options = ["--model", sharp_checkpoint, "--batch-size", 1, "--output", output]
+    process = _start_ray_scan(shard, options, output, stderr=subprocess.PIPE)
+    ray_processes = _descendants(process.pid)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err.decode()[-2000:]
+    done = len(read_records(output))
+    assert 5 <= done < len(images)
+    assert f"stopped after {done} of {len(images)} images" in err.decode()
+    assert "continue with: nsfw-guard scan --resume" in err.decode()
+    deadline = time.monotonic() + 60
+    while any(_running(pid) for pid in ray_processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in ray_processes), "Ray's processes outlived the scan"
+
+
+def _many_images(folder: Path) -> tuple[Path, list[tuple[str, bytes]]]:
+    """A tar shard of 120 small random PNGs."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(120):
+        pixels = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        images.append((f"{i:04d}.png", buffer.getvalue()))
+    shard = folder / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in images:
+            _add(tar, name, data)
+    return shard, images
+
+
+def _start_ray_scan(shard: Path, options: list, output: Path, stderr: int) -> subprocess.Popen:
+    """``scan --engine ray`` in a process of its own (its own local cluster), once it has
+    written 5 records."""
+    command = [sys.executable, "-m", "nsfw_guard", "scan", shard, "--engine", "ray"]
+    command += ["--device", "cpu", "--quiet", *options]
+    process = subprocess.Popen(list(map(str, command)), stderr=stderr)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if output.is_file() and output.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    return process

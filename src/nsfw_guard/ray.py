@@ -18,6 +18,8 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -260,6 +262,8 @@ def _cluster(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(
         address=address or "local",
         include_dashboard=False,
@@ -267,6 +271,8 @@ def _cluster(address: str | None) -> Iterator[None]:
         configure_logging=True,
         logging_level="WARNING",
     )
+    if on_sigterm is not None:  # Ray's core worker takes SIGTERM over (it dies on it): give it back
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
