@@ -26,6 +26,7 @@ from PIL import Image
 from nsfw_guard import NSFWDetector
 
 from .conftest import PHOTO_PATHS
+from .test_scan_promises import _descendants, _running
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -61,12 +62,20 @@ def start_server(checkpoint: Path, *options: str) -> tuple[subprocess.Popen, str
 
 
 def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM: the server and the processes it started end cleanly, exit 0, no traceback."""
+    children = _descendants(process.pid)
     process.terminate()
     try:
-        process.wait(timeout=30)
+        output, _ = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+        raise
+    assert process.returncode == 0 and b"Traceback" not in output, output.decode()[-3000:]
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in children), "a server process outlived it"
 
 
 @pytest.fixture(scope="module")

@@ -325,8 +325,14 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         )
         server = build_server(settings, accelerator=args.device)
 
+        server_pid = os.getpid()
+
         def stop(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt  # LitServe shuts its processes down on it
+            if os.getpid() == server_pid:
+                raise KeyboardInterrupt  # LitServe shuts its processes down on it
+            # A process LitServe forked (its HTTP server), told to end by it: end as usual.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
         # LitServe handles Ctrl-C itself: no "after the batch in flight" here.
         signal.signal(signal.SIGINT, signal.default_int_handler)
