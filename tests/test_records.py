@@ -599,6 +599,20 @@ def test_the_lock_dies_with_its_process(tmp_path):
     assert os.listdir(tmp_path) == [output.name]
 
 
+def test_a_killed_parquet_scan_leaves_its_records_for_resume(tmp_path):
+    """A parquet output is written at the end: killed before, its records are in the working
+    file, which read_records reads and a resumed scan turns into the parquet file."""
+    output = tmp_path / "results.parquet"
+    with writer_process(output, "sleep") as writer:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert not output.exists() and read_quietly(output) == batch("a")
+    with RecordFile(output, keep=read_quietly(output)) as file:  # a resumed scan
+        file.write(batch("b"))
+    assert read_quietly(output) == batch("a") + batch("b")
+    assert sorted(os.listdir(tmp_path)) == [output.name]  # no working file left
+
+
 def test_the_lock_is_not_held_by_forked_children(tmp_path):
     output = tmp_path / "results.jsonl"
     with writer_process(output, "fork") as writer:

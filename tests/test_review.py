@@ -70,6 +70,7 @@ def test_ten_thousand_records_come_a_page_at_a_time(many):
 
 
 def test_decisions_are_appended_read_back_and_exported(many):
+    records = many.read_bytes()
     client = TestClient(create_app(many))
     assert client.post("/api/decisions", json={"index": 5, "decision": "reject"}).status_code == 200
     assert (
@@ -83,6 +84,7 @@ def test_decisions_are_appended_read_back_and_exported(many):
     assert client.post("/api/decisions", content=b"{").status_code == 400
     lines = decisions_path(many).read_text().splitlines()
     assert [json.loads(line)["decision"] for line in lines] == ["reject", "approve"]
+    assert many.read_bytes() == records  # the records file is never touched
 
     again = TestClient(create_app(many))  # a restart: the decisions are read back
     body = again.get("/api/records", params={"sort": "path", "limit": 10}).json()
