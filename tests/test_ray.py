@@ -5,9 +5,7 @@ Its scores equal NSFWDetector's on the same images; a corrupt row becomes an err
 ``nsfw-guard scan --engine ray`` gives the local engine's records on the same inputs (files, tar
 shards, a truncated one, parquet), and a killed one resumes."""
 
-import contextlib
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -29,7 +27,7 @@ from nsfw_guard.ray import OUTPUT_COLUMNS, NSFWClassifier
 from nsfw_guard.records import read_records
 
 from .conftest import PHOTO_PATHS
-from .test_scan_promises import _descendants, _running
+from .processes import descendants, kill_tree, wait_gone
 from .test_shards import write_shard
 
 
@@ -210,14 +208,7 @@ def test_a_killed_ray_scan_resumes(cluster, sharp_checkpoint, tmp_path, capsys):
     output = tmp_path / "r.jsonl"
     options = ["--model", sharp_checkpoint, "--batch-size", 1, "--output", output]
     process = _start_ray_scan(shard, options, output, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    processes = [process.pid, *_descendants(process.pid)]
-    for pid in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-    while any(_running(pid) for pid in processes[1:]) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    kill_tree(process)
     done = len(read_records(output))
     assert 5 <= done < len(images), "the scan was not killed mid-way"
 
@@ -237,7 +228,7 @@ def test_a_ray_scan_stops_on_sigterm_after_the_batch_in_flight(sharp_checkpoint,
     output = tmp_path / "r.jsonl"
     options = ["--model", sharp_checkpoint, "--batch-size", 1, "--output", output]
     process = _start_ray_scan(shard, options, output, stderr=subprocess.PIPE)
-    ray_processes = _descendants(process.pid)
+    ray_processes = descendants(process.pid)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err.decode()[-2000:]
@@ -245,10 +236,7 @@ def test_a_ray_scan_stops_on_sigterm_after_the_batch_in_flight(sharp_checkpoint,
     assert 5 <= done < len(images)
     assert f"stopped after {done} of {len(images)} images" in err.decode()
     assert "continue with: nsfw-guard scan --resume" in err.decode()
-    deadline = time.monotonic() + 60
-    while any(_running(pid) for pid in ray_processes) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_running(pid) for pid in ray_processes), "Ray's processes outlived the scan"
+    assert wait_gone(ray_processes, 60), "Ray's processes outlived the scan"
 
 
 def _many_images(folder: Path) -> tuple[Path, list[tuple[str, bytes]]]:

@@ -2,7 +2,6 @@
 that existed before a run is modified or lost, every input gets a record, resumes keep every
 record, and scan and check give the same verdicts."""
 
-import contextlib
 import ctypes
 import hashlib
 import json
@@ -29,6 +28,7 @@ from nsfw_guard.records import part_path, part_paths
 from nsfw_guard.scan import read_records
 
 from .conftest import PHOTO_PATHS, make_brightness_checkpoint
+from .processes import kill_tree
 
 
 def _cli(capsys, *args):
@@ -349,33 +349,6 @@ def test_a_second_writer_of_one_output_is_refused(level_checkpoints, tmp_path, c
     assert read_records(output) == []  # the holder's run, which wrote nothing, is intact
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes ``pid`` started, and theirs (read from /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:  # "pid (name) state ppid ...": the name may hold spaces
-                parents[int(entry.name)] = int(
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-                )
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        children = [child for child, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie has closed its files: it does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_killed_torchrun_scan_resumes_from_its_part_files(level_checkpoints, tmp_path, capsys):
     source = tmp_path / "many"
     source.mkdir()
@@ -395,15 +368,7 @@ def test_a_killed_torchrun_scan_resumes_from_its_part_files(level_checkpoints, t
         if all(p.is_file() and p.read_text().count("\n") >= 3 for p in parts):
             break
         time.sleep(0.01)
-    # torchrun and both of its processes (it starts them in sessions of their own); then wait
-    # until they are gone, so that no lock outlives them.
-    processes = [process.pid, *_descendants(process.pid)]
-    for pid in processes:
-        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-    while any(_running(pid) for pid in processes[1:]) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    kill_tree(process)  # torchrun and both of its processes (in sessions of their own)
     done = sum(len(read_records(p)) for p in parts)
     assert 6 <= done < 60, "the scan was not killed mid-way"
 

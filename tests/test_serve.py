@@ -26,7 +26,7 @@ from PIL import Image
 from nsfw_guard import NSFWDetector
 
 from .conftest import PHOTO_PATHS
-from .test_scan_promises import _descendants, _running
+from .processes import descendants, wait_gone
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -63,7 +63,7 @@ def start_server(checkpoint: Path, *options: str) -> tuple[subprocess.Popen, str
 
 def stop_server(process: subprocess.Popen) -> None:
     """SIGTERM: the server and the processes it started end cleanly, exit 0, no traceback."""
-    children = _descendants(process.pid)
+    children = descendants(process.pid)
     process.terminate()
     try:
         output, _ = process.communicate(timeout=60)
@@ -72,10 +72,7 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
         raise
     assert process.returncode == 0 and b"Traceback" not in output, output.decode()[-3000:]
-    deadline = time.monotonic() + 30
-    while any(_running(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_running(pid) for pid in children), "a server process outlived it"
+    assert wait_gone(children, 30), "a server process outlived it"
 
 
 @pytest.fixture(scope="module")
