@@ -134,7 +134,7 @@ def test_parquet_files_binary_struct_and_named_columns(
         tmp_path / "img2dataset.parquet",
         row_group_size=2,  # rows are read across row groups
     )
-    structs = [{"bytes": d, "path": None} for d in data]
+    structs = [{"bytes": d, "path": None} for d in data] + [{"bytes": None, "path": "x.jpg"}]
     pq.write_table(pa.table({"image": structs}), tmp_path / "hf.parquet")
     pq.write_table(pa.table({"pixels": data}), tmp_path / "named.parquet")
     pq.write_table(pa.table({"image": ["http://x/a.jpg"]}), tmp_path / "urls.parquet")
@@ -148,6 +148,10 @@ def test_parquet_files_binary_struct_and_named_columns(
             assert_scores(records[(shard, str(row))], file_scores[photo.name])
     assert records[("img2dataset.parquet", "3")]["error"] == (
         "ShardError: nothing where the image's bytes were expected"
+    )
+    assert records[("hf.parquet", "3")]["error"] == (
+        "ShardError: the image struct names a path ('x.jpg') but holds no bytes; nsfw-guard "
+        "reads no paths or URLs from a column"
     )
     assert (
         "no image column among pixels; name it with --image-column"
@@ -251,3 +255,43 @@ def test_find_images_lists_members_in_shard_order(tmp_path):
     assert all(
         item.error is None and item.bytes == (tmp_path / "s.tar").stat().st_size for item in items
     )
+
+
+def test_link_members_are_read_from_their_targets_and_entries_without_data_are_errors(
+    sharp_checkpoint, file_scores, tmp_path, capsys
+):
+    """Every image-named member gets a record: a hard or symbolic link to a file member is
+    scored as that file (what ``tar -x`` would give), a link to nothing in the archive and a
+    FIFO entry are error records, not silently skipped."""
+    shard = tmp_path / "links.tar"
+    with tarfile.open(shard, "w") as tar:
+        _add(tar, "a/0000.jpg", PHOTO_PATHS[0].read_bytes())
+        _add(tar, "a/0001.jpg", PHOTO_PATHS[1].read_bytes())
+        for name, kind, target in [
+            ("b/hard.jpg", tarfile.LNKTYPE, "a/0001.jpg"),
+            ("b/soft.jpg", tarfile.SYMTYPE, "../a/0000.jpg"),
+            ("b/outside.jpg", tarfile.SYMTYPE, "/etc/hostname"),
+            ("b/dangling.png", tarfile.LNKTYPE, "a/none.jpg"),
+            ("b/fifo.jpg", tarfile.FIFOTYPE, ""),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+    output = tmp_path / "r.jsonl"
+    code, err = scan(capsys, shard, "--model", sharp_checkpoint, "--output", output)
+    assert code == EXIT_FILE_ERRORS, err
+    records = {r["member"]: r for r in read_records(output)}
+    assert list(records) == [  # shard order
+        "a/0000.jpg",
+        "a/0001.jpg",
+        "b/hard.jpg",
+        "b/soft.jpg",
+        "b/outside.jpg",
+        "b/dangling.png",
+        "b/fifo.jpg",
+    ]
+    assert_scores(records["b/hard.jpg"], file_scores[PHOTO_PATHS[1].name])
+    assert_scores(records["b/soft.jpg"], file_scores[PHOTO_PATHS[0].name])
+    assert "symbolic link to '/etc/hostname'" in records["b/outside.jpg"]["error"]
+    assert "hard link to 'a/none.jpg'" in records["b/dangling.png"]["error"]
+    assert records["b/fifo.jpg"]["error"].startswith("NotARegularFile: a FIFO entry")

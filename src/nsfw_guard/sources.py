@@ -18,6 +18,7 @@ the inputs without a record of their current version.
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 import tarfile
 from collections import Counter
@@ -208,12 +209,9 @@ def find_images(
         else:
             walk(root)
     items = [item for group in found.values() for item in group]
-    return sorted(items, key=lambda item: (str(item.path), _member_order(item)))
-
-
-def _member_order(item: ScanInput) -> tuple[int, int]:
-    """A shard's members in shard order; its own error (the cut-off end) after them."""
-    return (0, item.member.offset) if item.member else (1, 0)
+    # A stable sort: a shard's members stay in shard order, its own error (the cut-off end)
+    # after them.
+    return sorted(items, key=lambda item: (str(item.path), item.member is None))
 
 
 def _scan_input(path: Path, relative: Path, error: str | None) -> ScanInput:
@@ -236,12 +234,13 @@ def is_shard(item: ScanInput) -> bool:
 
 
 def _shard_inputs(shard: ScanInput, image_column: str | None) -> Iterator[ScanInput]:
-    """The inputs inside ``shard``; what cannot be read of it, as one error input."""
+    """The inputs inside ``shard``, each with its error if it cannot be read; what cannot be
+    read of the shard itself, as one error input."""
     lister = _tar_members if shard.path.suffix.lower() == ".tar" else _parquet_members
     try:
-        for member in lister(shard, image_column):
+        for member, error in lister(shard, image_column):
             yield ScanInput(
-                shard.path, shard.relative, shard.realpath, shard.bytes, shard.mtime, None, member
+                shard.path, shard.relative, shard.realpath, shard.bytes, shard.mtime, error, member
             )
     except Exception as error:
         yield ScanInput(
@@ -258,9 +257,12 @@ class ShardError(ValueError):
     """A shard, or part of one, cannot be read."""
 
 
-def _tar_members(shard: ScanInput, image_column: str | None) -> Iterator[Member]:
-    """The image members of an uncompressed tar, in order. Members cut short, and an archive
-    that breaks off before its end marker, raise :class:`ShardError` after the whole ones."""
+def _tar_members(shard: ScanInput, image_column: str | None) -> Iterator[tuple[Member, str | None]]:
+    """The image members of an uncompressed tar, in order, each with its error if it cannot
+    be read. A link member (hard or symbolic) is read from the file member it names, as
+    ``tar -x`` would write it; a link to anything else, or a device or FIFO entry, is an
+    error. Members cut short, and an archive that breaks off before its end marker, raise
+    :class:`ShardError` after the whole ones."""
     with open_regular(shard.path) as file:
         size = os.fstat(file.fileno()).st_size
         try:
@@ -268,21 +270,41 @@ def _tar_members(shard: ScanInput, image_column: str | None) -> Iterator[Member]
         except tarfile.ReadError as error:
             raise ShardError(f"not an uncompressed tar archive ({error})") from None
         names: Counter[str] = Counter()
+        files: dict[str, tarfile.TarInfo] = {}  # the file members so far, by normalized name
         images = last = 0
         for info in _members(archive):  # tarfile stops quietly at a cut or a broken header
             last = info.offset_data + info.size
-            if not info.isfile() or Path(info.name).suffix.lower() not in IMAGE_EXTENSIONS:
+            if info.isfile():
+                files[posixpath.normpath(info.name)] = info
+            if Path(info.name).suffix.lower() not in IMAGE_EXTENSIONS or info.isdir():
                 continue
-            if last > size:
+            data, error = info, None
+            if info.islnk() or info.issym():
+                data = files.get(_link_target(info))
+                if data is None:
+                    kind = "hard" if info.islnk() else "symbolic"
+                    error = (
+                        f"ShardError: a {kind} link to {info.linkname!r}, which is not a file "
+                        "member before it in this archive"
+                    )
+            elif not info.isfile():  # a device or FIFO entry: it has no data
+                data = None
+                kind = "FIFO" if info.isfifo() else "device"
+                error = f"NotARegularFile: a {kind} entry in the archive, not a file"
+            if data is not None and data.offset_data + data.size > size:
                 raise ShardError(
-                    f"truncated: member {info.name!r} needs bytes up to {last}, the file has "
-                    f"{size}; the members before it were read"
+                    f"truncated: member {info.name!r} needs bytes up to "
+                    f"{data.offset_data + data.size}, the file has {size}; the members before "
+                    "it were read"
                 )
             names[info.name] += 1
             count = names[info.name]  # a name used again (tar allows it): a member of its own
             name = info.name if count == 1 else f"{info.name}#{count}"
             images += 1
-            yield Member(name, "tar", info.offset_data, info.size)
+            if data is None:
+                yield Member(name, "tar", info.offset_data, 0), error
+            else:
+                yield Member(name, "tar", data.offset_data, data.size), None
         end = archive.offset  # where tarfile stopped: the end marker, if the archive is whole
         file.seek(end)
         if file.read(_TAR_BLOCK) != bytes(_TAR_BLOCK):
@@ -297,6 +319,14 @@ def _tar_members(shard: ScanInput, image_column: str | None) -> Iterator[Member]
             )
 
 
+def _link_target(info: tarfile.TarInfo) -> str:
+    """The member name a link member points to: a hard link names it, a symbolic link's
+    target is relative to the link's folder."""
+    if info.islnk():
+        return posixpath.normpath(info.linkname)
+    return posixpath.normpath(posixpath.join(posixpath.dirname(info.name), info.linkname))
+
+
 def _members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     while True:
         try:
@@ -308,13 +338,13 @@ def _members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield info
 
 
-def _parquet_members(shard: ScanInput, image_column: str | None) -> Iterator[Member]:
+def _parquet_members(shard: ScanInput, image_column: str | None) -> Iterator[tuple[Member, None]]:
     """One member per row of the parquet file's image column."""
     parquet = _parquet_file(shard.path)
     schema = parquet.schema_arrow
     column = _image_column(schema, image_column)
     for row in range(parquet.metadata.num_rows):
-        yield Member(str(row), "parquet", row, column=column)
+        yield Member(str(row), "parquet", row, column=column), None
 
 
 def _parquet_file(path: Path) -> Any:
@@ -397,6 +427,11 @@ def _parquet_cell(item: ScanInput) -> bytes:
     start, values = cached
     value = values[member.offset - start].as_py()
     if isinstance(value, dict):  # a Hugging Face image struct
+        if value.get("bytes") is None and value.get("path"):
+            raise ShardError(
+                f"the image struct names a path ({value['path']!r}) but holds no bytes; "
+                "nsfw-guard reads no paths or URLs from a column"
+            )
         value = value.get("bytes")
     if not isinstance(value, bytes):
         what = "nothing" if value is None else f"a {type(value).__name__}"
