@@ -1,6 +1,7 @@
 """The review server's API in process (Starlette's TestClient, real files): 10,000 records come a
 page at a time, filtered and sorted by the server; decisions are appended and read back; only
-the images the records name are served, and not once they changed."""
+the images the records name are served, and not once they changed; without its key, from
+another host name or from another site, nothing is shown or decided."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from nsfw_guard.records import RECORD_FIELDS, RecordFile
-from nsfw_guard.review import Decisions, create_app, decisions_path
+from nsfw_guard.review import LOOPBACK_HOSTS, Decisions, create_app, decisions_path
 
 from .conftest import PHOTO_PATHS
 
@@ -81,7 +82,8 @@ def test_decisions_are_appended_read_back_and_exported(many):
         == 400
     )
     assert client.post("/api/decisions", json={"index": 1, "decision": "maybe"}).status_code == 400
-    assert client.post("/api/decisions", content=b"{").status_code == 400
+    json_type = {"Content-Type": "application/json"}
+    assert client.post("/api/decisions", content=b"{", headers=json_type).status_code == 400
     lines = decisions_path(many).read_text().splitlines()
     assert [json.loads(line)["decision"] for line in lines] == ["reject", "approve"]
     assert many.read_bytes() == records  # the records file is never touched
@@ -105,12 +107,19 @@ def test_a_decisions_file_that_is_not_ours_is_refused(many):
     assert decisions_path(many).read_text() == "my notes\n"  # untouched
 
 
-def test_thumbnails_only_of_recorded_images_and_not_once_changed(tmp_path):
+@pytest.fixture
+def one_photo(tmp_path):
+    """A record file of one photo, flagged."""
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(PHOTO_PATHS[0].read_bytes())
     results = tmp_path / "results.jsonl"
     with RecordFile(results) as file:
         file.write([record(str(photo), "low", 0.9)])
+    return results
+
+
+def test_thumbnails_only_of_recorded_images_and_not_once_changed(one_photo, tmp_path):
+    results, photo = one_photo, tmp_path / "photo.jpg"
     client = TestClient(create_app(results))
     thumbnail = client.get("/thumbnail/0")
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
@@ -128,3 +137,48 @@ def test_decisions_file_keeps_every_line(tmp_path):
         decisions.add(f"{i}.jpg", None, "approve" if i % 2 else "reject")
     assert len((tmp_path / "r.decisions.jsonl").read_text().splitlines()) == 20
     assert len(Decisions(tmp_path / "r.decisions.jsonl").latest()) == 20
+
+
+def test_without_its_key_nothing_is_shown_or_decided(one_photo):
+    results = one_photo
+    app = create_app(results, key="k3y", hosts=LOOPBACK_HOSTS)
+    decision = {"index": 0, "decision": "approve"}
+
+    stranger = TestClient(app, base_url="http://127.0.0.1:8001")
+    for path in ("/api/records", "/thumbnail/0", "/decisions.csv"):
+        response = stranger.get(path)
+        assert response.status_code == 401 and "nsfw-guard review printed" in response.text
+    assert stranger.get("/").status_code == 401 and "?key=" in stranger.get("/").text
+    assert stranger.get("/?key=wrong").status_code == 401
+    assert stranger.post("/api/decisions", json=decision).status_code == 401
+    assert not decisions_path(results).exists()
+
+    bearer = {"Authorization": "Bearer k3y"}
+    assert stranger.get("/api/records", headers=bearer).json()["total"] == 1
+
+    # Opening the printed address sets the cookie and takes the key out of the address.
+    reviewer = TestClient(app, base_url="http://127.0.0.1:8001")
+    opened = reviewer.get("/?key=k3y")
+    assert opened.status_code == 200 and str(opened.url) == "http://127.0.0.1:8001/"
+    assert reviewer.get("/thumbnail/0").headers["content-type"] == "image/jpeg"
+    assert reviewer.post("/api/decisions", json=decision).status_code == 200
+
+    # Another site's page: a form post (no JSON), or a request from its origin, is refused.
+    form = reviewer.post(
+        "/api/decisions", content=json.dumps(decision), headers={"Content-Type": "text/plain"}
+    )
+    assert form.status_code == 415
+    other = {"Origin": "http://evil.example"}
+    assert reviewer.post("/api/decisions", json=decision, headers=other).status_code == 403
+    own = {"Origin": "http://127.0.0.1:8001"}
+    assert reviewer.post("/api/decisions", json=decision, headers=own).status_code == 200
+    assert len(decisions_path(results).read_text().splitlines()) == 2
+
+    # A name of another host that resolves to 127.0.0.1 (DNS rebinding) is refused, key or not.
+    rebound = TestClient(app, base_url="http://evil.example:8001")
+    refused = rebound.get("/api/records", headers=bearer)
+    assert refused.status_code == 400 and "answers to 127.0.0.1, ::1, localhost only" in (
+        refused.text
+    )
+    for name in ("localhost:8001", "[::1]:8001"):
+        assert stranger.get("/api/records", headers={**bearer, "Host": name}).status_code == 200

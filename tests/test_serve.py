@@ -381,17 +381,22 @@ def test_the_review_page_saves_keyboard_decisions_that_survive_a_reload(
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
+        printed = process.stdout.readline().decode()  # "... open http://...:PORT/?key=KEY"
+        address = printed.split(" open ")[-1].strip()
+        assert address.startswith(url + "?key="), printed
+        key = {"Authorization": "Bearer " + address.split("?key=")[1]}
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(url, timeout=2).status_code == 200:
+                if httpx.get(url, timeout=2).status_code == 401:  # up, and wants its key
                     break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise
             time.sleep(0.2)
         page = browser.new_page(viewport={"width": 1100, "height": 700})
-        page.goto(url)
+        page.goto(address)
+        assert page.url == url  # the key is in a cookie now, out of the address bar
         page.wait_for_selector(".card >> nth=6")
         assert page.locator(".card").count() == len(PHOTO_PATHS)
         assert page.locator(".card.flagged").count() == len(PHOTO_PATHS)  # blurred
@@ -418,13 +423,18 @@ def test_the_review_page_saves_keyboard_decisions_that_survive_a_reload(
         assert "2 decided" in page.locator("#summary").inner_text()
         page.select_option("#level", "undecided")
         page.wait_for_function("document.querySelectorAll('.card').length === 5")
-        exported = httpx.get(url + "decisions.csv").text.splitlines()
+        assert httpx.get(url + "decisions.csv").status_code == 401
+        exported = httpx.get(url + "decisions.csv", headers=key).text.splitlines()
         assert exported[0] == "path,member,decision,time,level,flagged"
         assert len(exported) == 3 and exported[1].startswith(first + ",,reject,")
-        assert httpx.get(url + "thumbnail/99").status_code == 404
+        assert httpx.get(url + "thumbnail/99", headers=key).status_code == 404
         page.close()
+        process.terminate()  # SIGTERM: a clean stop
+        output = process.communicate(timeout=30)[0].decode()
+        assert process.returncode == 0 and "review stopped; every decision is saved" in output
+        assert "Traceback" not in output and "batch in flight" not in output, output
     finally:
-        process.terminate()
+        process.kill()
         process.wait(timeout=30)
 
 

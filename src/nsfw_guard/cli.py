@@ -254,7 +254,8 @@ def _parser() -> argparse.ArgumentParser:
         "sorted by score, a page at a time. Keys: arrows move, a approves, r rejects, space "
         "shows. Each decision is appended at once to RESULTS.decisions.jsonl beside the "
         "records; reloading the page resumes; /decisions.csv exports them. Only the images the "
-        "records name are read.",
+        "records name are read. The page needs a key (made up for each run unless --api-key "
+        "gives one): open the address this prints, which holds it.",
         epilog="Examples:\n  nsfw-guard review results.jsonl\n"
         "  nsfw-guard review results.parquet --port 8081",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -264,23 +265,44 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )
     review.add_argument("--port", type=int, default=8001, help="default: 8001")
+    review.add_argument(
+        "--api-key",
+        default=os.environ.get("NSFW_GUARD_API_KEY"),
+        help="the key the page needs (default: $NSFW_GUARD_API_KEY, else a new one each run)",
+    )
     review.set_defaults(run=_run_review, command_parser=review)
     return parser
 
 
 def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import secrets
+    import signal
+    import socket
+    import urllib.parse
+
     import uvicorn
 
-    from .review import create_app
+    from .review import LOOPBACK_HOSTS, create_app
 
     if not args.results.is_file():
         parser.error(f"{args.results}: no such record file")
+    key = args.api_key or secrets.token_urlsafe(24)
+    # Listening on this machine only: answer to its own names only (no DNS rebinding).
+    hosts = LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None
     try:
-        app = create_app(args.results)
+        app = create_app(args.results, key=key, hosts=hosts)
     except ValueError as error:
         parser.error(str(error))
-    _say(f"nsfw-guard: reviewing {_shown(str(args.results))} on http://{args.host}:{args.port}/")
+    host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
+    host = f"[{host}]" if ":" in host else host
+    address = f"http://{host}:{args.port}/?{urllib.parse.urlencode({'key': key})}"
+    _say(f"nsfw-guard: reviewing {_shown(str(args.results))}: open {address}")
+    # uvicorn stops on Ctrl-C or SIGTERM, then raises the signal again for the handler it found:
+    # each decision is saved as it is made, so there is nothing left to do.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    _say("nsfw-guard: review stopped; every decision is saved")
     return EXIT_OK
 
 

@@ -11,6 +11,12 @@ latest decision per image.
 Only the images the records name are ever read, by their index in the records: no route takes
 a path. Thumbnails are made on demand (the same decode as ``scan``, shards included) and kept
 in memory.
+
+Who may use it (:class:`ReviewGate`): with a ``key``, every route needs it, as a bearer token
+or as the cookie that opening ``/?key=KEY`` sets (the address ``nsfw-guard review`` prints);
+with ``hosts``, requests must name one of them in their ``Host`` header (so a web page cannot
+reach a server on 127.0.0.1 through a DNS name of its own). A decision must come as JSON from
+the page's own origin, so other sites cannot make one.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import functools
+import hmac
 import io
 import json
 import os
@@ -30,20 +37,32 @@ from typing import Any
 
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .decode import decode_image
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .records import read_records
 from .sources import ScanInput, find_images, read_input
 
-__all__ = ["DECISIONS", "Decisions", "ReviewApp", "create_app", "decisions_path"]
+__all__ = [
+    "DECISIONS",
+    "LOOPBACK_HOSTS",
+    "Decisions",
+    "ReviewApp",
+    "ReviewGate",
+    "create_app",
+    "decisions_path",
+]
 
 DECISIONS = ("approve", "reject")
 THUMBNAIL_SIZE = 256
 _SORTS = ("score", "path")
+LOOPBACK_HOSTS = frozenset(["127.0.0.1", "localhost", "::1"])
+"""The names a server listening on 127.0.0.1 answers to by default."""
 
 
 def decisions_path(results: str | os.PathLike) -> Path:
@@ -184,6 +203,8 @@ class ReviewApp:
         )
 
     async def decide(self, request: Request) -> JSONResponse:
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return _error(415, 'send the decision as application/json: {"index", "decision"}')
         try:
             body = await request.json()
             index, decision = int(body["index"]), body["decision"]
@@ -286,8 +307,68 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"status": status, "message": message}}, status)
 
 
-def create_app(results: str | os.PathLike) -> Starlette:
-    """The review server's app for a record file.
+class ReviewGate:
+    """ASGI middleware: who may use the review server (see the module's docstring).
+
+    ``key``: required on every route (``Authorization: Bearer KEY``, or the cookie that
+    ``GET /?key=KEY`` sets before it redirects to ``/``); ``None``: no key. ``hosts``: the
+    names the ``Host`` header may give (``None``: any).
+    """
+
+    def __init__(self, app: ASGIApp, key: str | None = None, hosts: frozenset[str] | None = None):
+        self.app = app
+        self.key = key
+        self.hosts = hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(Request(scope))
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+    def _refusal(self, request: Request) -> Response | None:
+        host = request.headers.get("host", "")
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+        if self.hosts is not None and name.lower() not in self.hosts:
+            allowed = ", ".join(sorted(self.hosts))
+            return _error(400, f"Host {host!r}: this server answers to {allowed} only")
+        origin = request.headers.get("origin")
+        own = (None, f"http://{host}", f"https://{host}")
+        if request.method not in ("GET", "HEAD") and origin not in own:
+            return _error(403, f"a request from {origin!r}: only the review page may send one")
+        if self.key is None:
+            return None
+        cookie = f"nsfw_guard_review_{request.url.port or 80}"
+        given = request.query_params.get("key")
+        if request.url.path == "/" and given is not None and hmac.compare_digest(given, self.key):
+            response = RedirectResponse("/", status_code=303)  # the key leaves the address bar
+            response.set_cookie(cookie, self.key, httponly=True, samesite="lax")
+            return response
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        bearer = scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.key)
+        if bearer or hmac.compare_digest(request.cookies.get(cookie, ""), self.key):
+            return None
+        if request.url.path == "/":
+            return HTMLResponse(_NO_KEY_PAGE, 401)
+        return _error(401, "missing or wrong key: open the address nsfw-guard review printed")
+
+
+_NO_KEY_PAGE = (
+    "<!doctype html><title>nsfw-guard review</title><p>This review page needs its key: open "
+    "the address <code>nsfw-guard review</code> printed (it ends in <code>?key=...</code>).</p>"
+)
+
+
+def create_app(
+    results: str | os.PathLike, key: str | None = None, hosts: frozenset[str] | None = None
+) -> Starlette:
+    """The review server's app for a record file, behind a :class:`ReviewGate` with ``key``
+    and ``hosts``.
 
     Example:
         >>> import tempfile
@@ -295,8 +376,12 @@ def create_app(results: str | os.PathLike) -> Starlette:
         >>> results = Path(tempfile.mkdtemp()) / "results.jsonl"
         >>> with RecordFile(results) as file:
         ...     file.write([_example("a.jpg")])
-        >>> from starlette.testclient import TestClient  # doctest: +SKIP
-        >>> TestClient(create_app(results)).get("/api/records").json()["total"]  # doctest: +SKIP
+        >>> from starlette.testclient import TestClient
+        >>> client = TestClient(create_app(results, key="secret"))
+        >>> client.get("/api/records").status_code
+        401
+        >>> client.get("/api/records", headers={"Authorization": "Bearer secret"}).json()["total"]
         1
     """
-    return Starlette(routes=ReviewApp(results).routes)
+    gate = Middleware(ReviewGate, key=key, hosts=hosts)
+    return Starlette(routes=ReviewApp(results).routes, middleware=[gate])
