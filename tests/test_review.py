@@ -11,8 +11,9 @@ import os
 import pytest
 from starlette.testclient import TestClient
 
+from nsfw_guard.access import LOOPBACK_HOSTS
 from nsfw_guard.records import RECORD_FIELDS, RecordFile
-from nsfw_guard.review import LOOPBACK_HOSTS, Decisions, create_app, decisions_path
+from nsfw_guard.review import Decisions, create_app, decisions_path
 
 from .conftest import PHOTO_PATHS
 

@@ -312,6 +312,23 @@ def test_the_api_key_is_required_everywhere_but_healthz_and_the_page(server):
     assert httpx.post(server + "/internal/check", headers=AUTH, json={}).status_code == 404
 
 
+def test_on_127_0_0_1_it_answers_to_loopback_names_only(server):
+    """A web page that reaches the server through a DNS name of its own (DNS rebinding) gets
+    nothing, not even the page; localhost is fine."""
+    photo = PHOTO_PATHS[0].read_bytes()
+    rebound = {**AUTH, "content-type": "image/jpeg", "Host": "rebound.example:8000"}
+    responses = [
+        httpx.get(server + "/", headers=rebound),
+        httpx.get(server + "/metrics", headers=rebound),
+        httpx.post(server + "/v1/moderate", content=photo, headers=rebound),
+    ]
+    for response in responses:
+        assert response.status_code == 400
+        assert "answers to 127.0.0.1, ::1, localhost only" in response.json()["error"]["message"]
+    localhost = {**rebound, "Host": "localhost"}
+    assert httpx.post(server + "/v1/moderate", content=photo, headers=localhost).status_code == 200
+
+
 # The pages, in a real headless browser ------------------------------------------------------------
 
 SCREENSHOTS = os.environ.get("NSFW_GUARD_SCREENSHOTS")  # a folder: keep the pages' screenshots

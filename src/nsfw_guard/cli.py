@@ -282,15 +282,14 @@ def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     import uvicorn
 
-    from .review import LOOPBACK_HOSTS, create_app
+    from .access import loopback_hosts
+    from .review import create_app
 
     if not args.results.is_file():
         parser.error(f"{args.results}: no such record file")
     key = args.api_key or secrets.token_urlsafe(24)
-    # Listening on this machine only: answer to its own names only (no DNS rebinding).
-    hosts = LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None
     try:
-        app = create_app(args.results, key=key, hosts=hosts)
+        app = create_app(args.results, key=key, hosts=loopback_hosts(args.host))
     except ValueError as error:
         parser.error(str(error))
     host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
@@ -329,6 +328,7 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     with tempfile.TemporaryDirectory(prefix="nsfw-guard-metrics-") as metrics:
         # Every process of the server (they inherit this) writes its metrics there.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics)
+        from .access import loopback_hosts
         from .serve import ServeSettings, build_server
 
         settings = ServeSettings(
@@ -344,6 +344,7 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             max_frames=args.max_frames,
             api_key=args.api_key or None,
             model_name=_model_name(args),
+            hosts=loopback_hosts(args.host),
         )
         server = build_server(settings, accelerator=args.device)
 

@@ -43,6 +43,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .access import bearer_matches, wrong_host
 from .decode import decode_image
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .records import read_records
@@ -50,7 +51,6 @@ from .sources import ScanInput, find_images, read_input
 
 __all__ = [
     "DECISIONS",
-    "LOOPBACK_HOSTS",
     "Decisions",
     "ReviewApp",
     "ReviewGate",
@@ -61,8 +61,6 @@ __all__ = [
 DECISIONS = ("approve", "reject")
 THUMBNAIL_SIZE = 256
 _SORTS = ("score", "path")
-LOOPBACK_HOSTS = frozenset(["127.0.0.1", "localhost", "::1"])
-"""The names a server listening on 127.0.0.1 answers to by default."""
 
 
 def decisions_path(results: str | os.PathLike) -> Path:
@@ -332,10 +330,9 @@ class ReviewGate:
 
     def _refusal(self, request: Request) -> Response | None:
         host = request.headers.get("host", "")
-        name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
-        if self.hosts is not None and name.lower() not in self.hosts:
-            allowed = ", ".join(sorted(self.hosts))
-            return _error(400, f"Host {host!r}: this server answers to {allowed} only")
+        refusal = wrong_host(host, self.hosts)
+        if refusal is not None:
+            return _error(400, refusal)
         origin = request.headers.get("origin")
         own = (None, f"http://{host}", f"https://{host}")
         if request.method not in ("GET", "HEAD") and origin not in own:
@@ -348,9 +345,7 @@ class ReviewGate:
             response = RedirectResponse("/", status_code=303)  # the key leaves the address bar
             response.set_cookie(cookie, self.key, httponly=True, samesite="lax")
             return response
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        bearer = scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.key)
+        bearer = bearer_matches(request.headers.get("authorization", ""), self.key)
         if bearer or hmac.compare_digest(request.cookies.get(cookie, ""), self.key):
             return None
         if request.url.path == "/":

@@ -26,7 +26,6 @@ import asyncio
 import base64
 import binascii
 import functools
-import hmac
 import io
 import json
 import math
@@ -47,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import DEFAULT_MODEL
+from .access import bearer_matches, wrong_host
 from .check import CheckStep
 from .levels import NSFWLevel
 from .prepared import Prepared, check_prepared, prepare_bytes
@@ -81,6 +81,9 @@ class ServeSettings:
     max_frames: int = 16
     api_key: str | None = None
     model_name: str = DEFAULT_MODEL
+    hosts: frozenset[str] | None = None
+    """The host names requests may give (:func:`~nsfw_guard.access.loopback_hosts`); ``None``:
+    any."""
 
 
 class BadRequest(Exception):
@@ -186,6 +189,10 @@ class RequestGate:
     ) -> Response | Receive:
         """The gate's own response, or how LitServe is to read the request's body (the
         canonical JSON of a checked moderation or censor request)."""
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        refusal = wrong_host(host, self.settings.hosts)
+        if refusal is not None:
+            return _error(400, refusal)
         if path in ("/healthz", "/health"):
             scope["path"] = "/health"  # LitServe's: 200 once the worker is ready
             return receive
@@ -231,11 +238,8 @@ class RequestGate:
 
     def _authorized(self, scope: Scope) -> bool:
         key = self.settings.api_key
-        if not key:
-            return True
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+        return not key or bearer_matches(header, key)
 
     async def _parse(self, scope: Scope, receive: Receive, kind: str) -> dict[str, Any]:
         """The request as ``{"kind", "images": [base64], "level", "threshold", "action"}``."""
