@@ -106,6 +106,12 @@ def test_a_decisions_file_that_is_not_ours_is_refused(many):
     with pytest.raises(ValueError, match="line 1: not a decision; is this file nsfw-guard's"):
         create_app(many)
     assert decisions_path(many).read_text() == "my notes\n"  # untouched
+    elsewhere = many.with_name("elsewhere.jsonl")
+    decisions_path(many).rename(elsewhere)
+    decisions_path(many).symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="is a link; nsfw-guard does not write through it"):
+        create_app(many)
+    assert elsewhere.read_text() == "my notes\n"
 
 
 @pytest.fixture

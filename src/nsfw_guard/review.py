@@ -88,6 +88,8 @@ class Decisions:
     def __init__(self, path: Path):
         self.path = path
         self._latest: dict[tuple[str, str | None], dict[str, Any]] = {}
+        if path.is_symlink():  # appends never go through a link (O_NOFOLLOW): say so now
+            raise ValueError(f"{path} is a link; nsfw-guard does not write through it")
         if path.exists():
             if not path.is_file():
                 raise ValueError(f"{path} is not a regular file")
