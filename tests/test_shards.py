@@ -153,10 +153,7 @@ def test_parquet_files_binary_struct_and_named_columns(
         "ShardError: the image struct names a path ('x.jpg') but holds no bytes; nsfw-guard "
         "reads no paths or URLs from a column"
     )
-    assert (
-        "no image column among pixels; name it with --image-column"
-        in (records[("named.parquet", None)]["error"])
-    )
+    assert not any(name == "named.parquet" for name, _ in records)  # found in a folder: skipped
     assert (
         "column 'image' holds string, not image bytes" in records[("urls.parquet", None)]["error"]
     )
@@ -164,6 +161,11 @@ def test_parquet_files_binary_struct_and_named_columns(
 
     named = tmp_path / "named.jsonl"
     parquet = tmp_path / "named.parquet"
+    code, err = scan(capsys, parquet, "--model", sharp_checkpoint, "--output", named)
+    assert code == EXIT_FILE_ERRORS, err  # given by name: it says why it has no images
+    (record,) = read_records(named)
+    assert "no image column among pixels; name it with --image-column" in record["error"]
+    named.unlink()
     code, err = scan(
         capsys, parquet, "--image-column", "pixels", "--model", sharp_checkpoint, "--output", named
     )
@@ -295,3 +297,35 @@ def test_link_members_are_read_from_their_targets_and_entries_without_data_are_e
     assert "symbolic link to '/etc/hostname'" in records["b/outside.jpg"]["error"]
     assert "hard link to 'a/none.jpg'" in records["b/dangling.png"]["error"]
     assert records["b/fifo.jpg"]["error"].startswith("NotARegularFile: a FIFO entry")
+
+
+def test_an_img2dataset_folder_scans_its_images_and_skips_its_metadata(
+    sharp_checkpoint, file_scores, tmp_path, capsys
+):
+    """img2dataset writes, beside each tar shard, a parquet file of metadata (urls, captions,
+    no images) and a stats file: a scan of the folder reads the shards' images, and the files
+    without images are skipped as any other file that is not an image. Given by name, such a
+    file is an error: it was expected to hold images."""
+    write_shard(tmp_path / "00000.tar", PHOTO_PATHS[:2])
+    metadata = {"key": ["000000000", "000000001"], "url": ["http://x/a", "http://x/b"]}
+    pq.write_table(pa.table(metadata), tmp_path / "00000.parquet")
+    (tmp_path / "00000_stats.json").write_text("{}")
+    with tarfile.open(tmp_path / "captions.tar", "w") as tar:
+        _add(tar, "0000.txt", b"a caption")
+    output = tmp_path / "r.jsonl"
+    code, err = scan(capsys, tmp_path, "--model", sharp_checkpoint, "--output", output)
+    assert code == EXIT_OK, err
+    records = read_records(output)
+    assert [(Path(r["path"]).name, r["member"]) for r in records] == [
+        ("00000.tar", "0000.jpg"),
+        ("00000.tar", "0001.jpg"),
+    ]
+    assert_scores(records[1], file_scores[PHOTO_PATHS[1].name])
+
+    given = tmp_path / "given.jsonl"
+    names = [tmp_path / "00000.parquet", tmp_path / "captions.tar"]
+    code, err = scan(capsys, *names, "--model", sharp_checkpoint, "--output", given)
+    assert code == EXIT_FILE_ERRORS, err
+    errors = [r["error"] for r in read_records(given)]
+    assert "no image column among key, url" in errors[0]
+    assert "no image members" in errors[1]

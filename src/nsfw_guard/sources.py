@@ -168,14 +168,14 @@ def find_images(
     found: dict[str, list[ScanInput]] = {}  # by real path: one file is one input, or a shard's
     walked: set[str] = set()
 
-    def add(path: Path, error: str | None = None) -> None:
+    def add(path: Path, error: str | None = None, walked: bool = False) -> None:
         relative = Path(os.path.relpath(os.path.abspath(path), base))
         item = _scan_input(path, relative, error)
         if item.realpath in found:
             return
         shard = path.suffix.lower() in SHARD_EXTENSIONS and item.bytes >= 0
         if item.error is None and shard:
-            found[item.realpath] = list(_shard_inputs(item, image_column))
+            found[item.realpath] = list(_shard_inputs(item, image_column, walked))
         else:
             found[item.realpath] = [item]
 
@@ -195,7 +195,7 @@ def find_images(
                 suffix = path.suffix.lower()
                 wanted = suffix in IMAGE_EXTENSIONS or suffix in SHARD_EXTENSIONS
                 if wanted and not (copies and copies.owns(path)):
-                    add(path)
+                    add(path, walked=True)
             if not recursive:
                 subfolders.clear()
 
@@ -233,9 +233,14 @@ def is_shard(item: ScanInput) -> bool:
 # Shards ------------------------------------------------------------------------------------------
 
 
-def _shard_inputs(shard: ScanInput, image_column: str | None) -> Iterator[ScanInput]:
+def _shard_inputs(
+    shard: ScanInput, image_column: str | None, walked: bool = False
+) -> Iterator[ScanInput]:
     """The inputs inside ``shard``, each with its error if it cannot be read; what cannot be
-    read of the shard itself, as one error input."""
+    read of the shard itself, as one error input. A shard found in a folder that holds no
+    images (a tar without image members, a parquet file without an image column: the
+    metadata img2dataset writes beside its shards, say) is no input, as any other file that
+    is not an image; given by name, it is an error."""
     lister = _tar_members if shard.path.suffix.lower() == ".tar" else _parquet_members
     try:
         for member, error in lister(shard, image_column):
@@ -243,6 +248,8 @@ def _shard_inputs(shard: ScanInput, image_column: str | None) -> Iterator[ScanIn
                 shard.path, shard.relative, shard.realpath, shard.bytes, shard.mtime, error, member
             )
     except Exception as error:
+        if walked and isinstance(error, NoImages):
+            return
         yield ScanInput(
             shard.path,
             shard.relative,
@@ -255,6 +262,11 @@ def _shard_inputs(shard: ScanInput, image_column: str | None) -> Iterator[ScanIn
 
 class ShardError(ValueError):
     """A shard, or part of one, cannot be read."""
+
+
+class NoImages(ShardError):
+    """A readable file that holds no images: a tar without image members, a parquet file
+    without an image column."""
 
 
 def _tar_members(shard: ScanInput, image_column: str | None) -> Iterator[tuple[Member, str | None]]:
@@ -314,7 +326,7 @@ def _tar_members(shard: ScanInput, image_column: str | None) -> Iterator[tuple[M
                 "members before it were read"
             )
         if not images:
-            raise ShardError(
+            raise NoImages(
                 "no image members (names ending .jpg, .png, .webp, ...) in this tar archive"
             )
 
@@ -369,10 +381,10 @@ def _image_column(schema: Any, wanted: str | None) -> str:
 
     names = schema.names
     if wanted is not None and wanted not in names:
-        raise ShardError(f"no column {wanted!r}; the columns are {', '.join(names)}")
+        raise NoImages(f"no column {wanted!r}; the columns are {', '.join(names)}")
     column = wanted or next((n for n in ("image", *BYTES_COLUMNS) if n in names), None)
     if column is None:
-        raise ShardError(f"no image column among {', '.join(names)}; name it with --image-column")
+        raise NoImages(f"no image column among {', '.join(names)}; name it with --image-column")
     kind = schema.field(column).type
     is_struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
     if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or is_struct):
