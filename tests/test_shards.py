@@ -329,3 +329,36 @@ def test_an_img2dataset_folder_scans_its_images_and_skips_its_metadata(
     errors = [r["error"] for r in read_records(given)]
     assert "no image column among key, url" in errors[0]
     assert "no image members" in errors[1]
+
+
+def test_a_hugging_face_image_column_of_any_name_is_found(
+    sharp_checkpoint, file_scores, tmp_path, capsys
+):
+    """A Hugging Face dataset's image column need not be named ``image`` (CIFAR-10's is
+    ``img``): the ``Image`` feature its parquet metadata declares, or else its one image struct,
+    is read; two are a question for --image-column."""
+    photos = PHOTO_PATHS[:2]
+    structs = [{"bytes": p.read_bytes(), "path": p.name} for p in photos]
+
+    def write(name: str, columns: dict, images: list[str] | None) -> None:
+        table = pa.table({**columns, "label": [0] * len(photos)})
+        if images is not None:
+            features = {name: {"_type": "Image"} for name in images}
+            features["label"] = {"dtype": "int64", "_type": "Value"}
+            info = json.dumps({"info": {"features": features}}).encode()
+            table = table.replace_schema_metadata({b"huggingface": info})
+        pq.write_table(table, tmp_path / name)
+
+    write("cifar.parquet", {"img": structs}, images=["img"])
+    write("no-metadata.parquet", {"picture": structs}, images=None)
+    write("two.parquet", {"photo": structs, "mask": structs}, images=["photo", "mask"])
+    output = tmp_path / "r.jsonl"
+    code, err = scan(capsys, tmp_path, "--model", sharp_checkpoint, "--output", output)
+    assert code == EXIT_FILE_ERRORS, err
+    records = {(Path(r["path"]).name, r["member"]): r for r in read_records(output)}
+    for shard in ("cifar.parquet", "no-metadata.parquet"):
+        for row, photo in enumerate(photos):
+            assert_scores(records[(shard, str(row))], file_scores[photo.name])
+    assert records[("two.parquet", None)]["error"] == (
+        "ShardError: several image columns (photo, mask); name one with --image-column"
+    )

@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
         "--image-column",
         metavar="NAME",
         help="parquet files' image column: bytes, or {'bytes': ...} structs "
-        "(default: image, else jpg, png, webp, ...)",
+        "(default: image, else jpg, png, webp, ..., else the one column declared an Image "
+        "by a Hugging Face dataset)",
     )
     scan.add_argument(
         "--engine",

@@ -17,6 +17,7 @@ the inputs without a record of their current version.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import stat
@@ -375,14 +376,22 @@ def _parquet_file(path: Path) -> Any:
 
 
 def _image_column(schema: Any, wanted: str | None) -> str:
-    """The image column of a parquet schema: ``wanted``, else ``image`` or a known one; it must
-    hold bytes or ``{"bytes": ...}`` structs."""
+    """The image column of a parquet schema: ``wanted``, else ``image`` or a known one, else
+    the one column a Hugging Face dataset declares an ``Image`` (as ``img`` in CIFAR-10); it
+    must hold bytes or ``{"bytes": ...}`` structs."""
     import pyarrow as pa
 
     names = schema.names
     if wanted is not None and wanted not in names:
         raise NoImages(f"no column {wanted!r}; the columns are {', '.join(names)}")
     column = wanted or next((n for n in ("image", *BYTES_COLUMNS) if n in names), None)
+    if column is None:
+        declared = _declared_images(schema)
+        if len(declared) > 1:
+            raise ShardError(
+                f"several image columns ({', '.join(declared)}); name one with --image-column"
+            )
+        column = declared[0] if declared else None
     if column is None:
         raise NoImages(f"no image column among {', '.join(names)}; name it with --image-column")
     kind = schema.field(column).type
@@ -393,6 +402,31 @@ def _image_column(schema: Any, wanted: str | None) -> str:
             "'bytes' field); nsfw-guard reads no paths or URLs from a column"
         )
     return column
+
+
+def _declared_images(schema: Any) -> list[str]:
+    """The columns a Hugging Face dataset's parquet file declares ``Image`` features (in its
+    ``huggingface`` schema metadata), else the columns of its image structs (``bytes`` and
+    ``path``)."""
+    import pyarrow as pa
+
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+        declared = [
+            name
+            for name, feature in features.items()
+            if isinstance(feature, dict) and feature.get("_type") == "Image"
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        declared = []
+    if declared:
+        return [name for name in declared if name in schema.names]
+    return [
+        field.name
+        for field in schema
+        if pa.types.is_struct(field.type)
+        and {field.type.field(i).name for i in range(field.type.num_fields)} == {"bytes", "path"}
+    ]
 
 
 # Reading -----------------------------------------------------------------------------------------
