@@ -143,6 +143,9 @@ def test_summary_on_stderr(folder, level_checkpoints, tmp_path, capsys):
     good = len(find_images([folder])) - len(BAD)
     assert f"levels: neutral 0, low 0, medium 0, high {good}" in err
     assert f"flagged: {good}, errors: {len(BAD)}" in err and "images/s" in err
+    # An input that could not be checked is flagged: a filter on the flag never keeps it.
+    errors = [r for r in read_records(output) if r["error"]]
+    assert len(errors) == len(BAD) and all(r["flagged"] and r["level"] is None for r in errors)
 
 
 def test_censor_to_writes_copies_and_never_touches_originals(

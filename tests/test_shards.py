@@ -297,6 +297,8 @@ def test_link_members_are_read_from_their_targets_and_entries_without_data_are_e
     assert "symbolic link to '/etc/hostname'" in records["b/outside.jpg"]["error"]
     assert "hard link to 'a/none.jpg'" in records["b/dangling.png"]["error"]
     assert records["b/fifo.jpg"]["error"].startswith("NotARegularFile: a FIFO entry")
+    unchecked = [records[name] for name in ("b/outside.jpg", "b/dangling.png", "b/fifo.jpg")]
+    assert all(r["flagged"] and r["level"] is None for r in unchecked)
 
 
 def test_an_img2dataset_folder_scans_its_images_and_skips_its_metadata(

@@ -55,7 +55,8 @@ clean."""
 
 @dataclass
 class ScanSummary:
-    """What a scan found, over its inputs: counts per level, flagged, errors, throughput."""
+    """What a scan found, over its inputs: counts per level, flagged (of the images checked),
+    errors, throughput."""
 
     levels: Counter = field(default_factory=Counter)
     flagged: int = 0
@@ -75,7 +76,7 @@ class ScanSummary:
             level = NSFWLevel.parse(record["level"])
             self.levels[level] += 1
             self.worst = max(self.worst, level)
-        self.flagged += bool(record["flagged"])
+        self.flagged += bool(record["flagged"] and record["level"])  # checked and flagged
 
     def lines(self) -> list[str]:
         rate = self.scanned / self.seconds if self.seconds else 0.0
@@ -556,7 +557,8 @@ def check_items(
     for item in items:
         source = inputs[item["index"]]
         if item["error"] is not None:
-            records.append(_record(source, error=item["error"]))
+            # Not checked: flagged, so that filtering on the flag never keeps it.
+            records.append(_record(source, error=item["error"], flagged=True))
             continue
         verdict, image = next(verdicts), item["image"]
         records.append(
