@@ -498,6 +498,12 @@ class RecordFile:
         descriptor, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
         return descriptor, Path(name)
 
+    def _rename_over(self, temporary: Path, target: Path) -> None:
+        """Rename ``temporary`` over ``target``, with the output's permissions if it exists."""
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(temporary, stat.S_IMODE(os.stat(self.path).st_mode))
+        os.replace(temporary, target)
+
     def _replace(self, records: list[dict[str, Any]]) -> IO[str]:
         """Write ``records`` to a temporary file and rename it over the output; the open
         temporary file becomes the output, to append to."""
@@ -514,9 +520,7 @@ class RecordFile:
                 csv.writer(file).writerow(RECORD_FIELDS)
             self._write_to(file, records)
             os.fsync(file.fileno())  # data before rename: after a crash, the old or the new
-            with contextlib.suppress(FileNotFoundError):  # keep the output's permissions
-                os.chmod(temporary, stat.S_IMODE(os.stat(self.path).st_mode))
-            os.replace(temporary, self._written)
+            self._rename_over(temporary, self._written)
         except BaseException:
             file.close()
             temporary.unlink(missing_ok=True)
@@ -538,9 +542,7 @@ class RecordFile:
                 pa.parquet.write_table(table, file)
                 file.flush()
                 os.fsync(file.fileno())
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(temporary, stat.S_IMODE(os.stat(self.path).st_mode))
-            os.replace(temporary, self.path)
+            self._rename_over(temporary, self.path)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
