@@ -78,7 +78,7 @@ def stop_server(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(sharp_checkpoint) -> Iterator[str]:
     options = ["--api-key", KEY, "--max-batch-size", "8", "--batch-timeout-ms", "100"]
-    options += ["--max-bytes", "3000000", "--max-images", "8"]
+    options += ["--max-bytes", "3000000", "--max-images", "8", "--allowed-hosts", "proxied.example"]
     process, url = start_server(sharp_checkpoint, *options)
     yield url
     stop_server(process)
@@ -314,7 +314,7 @@ def test_the_api_key_is_required_everywhere_but_healthz_and_the_page(server):
 
 def test_on_127_0_0_1_it_answers_to_loopback_names_only(server):
     """A web page that reaches the server through a DNS name of its own (DNS rebinding) gets
-    nothing, not even the page; localhost is fine."""
+    nothing, not even the page; localhost, and the names --allowed-hosts adds, are fine."""
     photo = PHOTO_PATHS[0].read_bytes()
     rebound = {**AUTH, "content-type": "image/jpeg", "Host": "rebound.example:8000"}
     responses = [
@@ -324,9 +324,11 @@ def test_on_127_0_0_1_it_answers_to_loopback_names_only(server):
     ]
     for response in responses:
         assert response.status_code == 400
-        assert "answers to 127.0.0.1, ::1, localhost only" in response.json()["error"]["message"]
-    localhost = {**rebound, "Host": "localhost"}
-    assert httpx.post(server + "/v1/moderate", content=photo, headers=localhost).status_code == 200
+        message = response.json()["error"]["message"]
+        assert "answers to 127.0.0.1, ::1, localhost, proxied.example only" in message
+    for name in ("localhost", "proxied.example"):  # and a name --allowed-hosts gives
+        named = {**rebound, "Host": name}
+        assert httpx.post(server + "/v1/moderate", content=photo, headers=named).status_code == 200
 
 
 # The pages, in a real headless browser ------------------------------------------------------------

@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import hmac
 
-__all__ = ["LOOPBACK_HOSTS", "bearer_matches", "host_name", "loopback_hosts", "wrong_host"]
+__all__ = ["LOOPBACK_HOSTS", "allowed_hosts", "bearer_matches", "host_name", "wrong_host"]
 
 LOOPBACK_HOSTS = frozenset(["127.0.0.1", "localhost", "::1"])
 """The names a server listening on this machine only answers to."""
 
 
-def loopback_hosts(bind: str) -> frozenset[str] | None:
-    """The host names a server listening on ``bind`` answers to: :data:`LOOPBACK_HOSTS` when
-    that is this machine only, ``None`` (any) otherwise.
+def allowed_hosts(bind: str, names: str | None = None) -> frozenset[str] | None:
+    """The host names a server listening on ``bind`` answers to (``None``: any). ``names`` adds
+    some, comma-separated (the name a reverse proxy passes on, say); ``*``: any. Without
+    ``names``, a server on this machine only answers to :data:`LOOPBACK_HOSTS`, any other to
+    any name.
 
     Example:
-        >>> sorted(loopback_hosts("127.0.0.1"))
+        >>> sorted(allowed_hosts("127.0.0.1"))
         ['127.0.0.1', '::1', 'localhost']
-        >>> loopback_hosts("0.0.0.0") is None
-        True
+        >>> allowed_hosts("0.0.0.0") is None, allowed_hosts("127.0.0.1", "*") is None
+        (True, True)
+        >>> sorted(allowed_hosts("0.0.0.0", "Review.Example.com"))
+        ['127.0.0.1', '::1', 'localhost', 'review.example.com']
     """
-    return LOOPBACK_HOSTS if bind in LOOPBACK_HOSTS else None
+    given = frozenset(name.strip().lower() for name in (names or "").split(",") if name.strip())
+    if "*" in given or (not given and bind not in LOOPBACK_HOSTS):
+        return None
+    return LOOPBACK_HOSTS | given
 
 
 def host_name(header: str) -> str:
@@ -59,9 +66,11 @@ def wrong_host(header: str, hosts: frozenset[str] | None) -> str | None:
     Example:
         >>> wrong_host("127.0.0.1:8000", LOOPBACK_HOSTS) is None
         True
-        >>> wrong_host("rebound.example:8000", LOOPBACK_HOSTS)
-        "Host 'rebound.example:8000': this server answers to 127.0.0.1, ::1, localhost only"
+        >>> wrong_host("rebound.example:8000", LOOPBACK_HOSTS)  # doctest: +NORMALIZE_WHITESPACE
+        "Host 'rebound.example:8000': this server answers to 127.0.0.1, ::1, localhost only
+        (more: --allowed-hosts)"
     """
     if hosts is None or host_name(header) in hosts:
         return None
-    return f"Host {header!r}: this server answers to {', '.join(sorted(hosts))} only"
+    allowed = ", ".join(sorted(hosts))
+    return f"Host {header!r}: this server answers to {allowed} only (more: --allowed-hosts)"

@@ -204,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
         help="address to listen on (default: 127.0.0.1, this machine only)",
     )
     serve.add_argument("--port", type=int, default=8000, help="default: 8000")
+    _add_allowed_hosts(serve)
     serve.add_argument(
         "--level", default="medium", choices=_LEVELS, help="default level (default: medium)"
     )
@@ -266,6 +267,7 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )
     review.add_argument("--port", type=int, default=8001, help="default: 8001")
+    _add_allowed_hosts(review)
     review.add_argument(
         "--api-key",
         default=os.environ.get("NSFW_GUARD_API_KEY"),
@@ -283,14 +285,14 @@ def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     import uvicorn
 
-    from .access import loopback_hosts
+    from .access import allowed_hosts
     from .review import create_app
 
     if not args.results.is_file():
         parser.error(f"{args.results}: no such record file")
     key = args.api_key or secrets.token_urlsafe(24)
     try:
-        app = create_app(args.results, key=key, hosts=loopback_hosts(args.host))
+        app = create_app(args.results, key=key, hosts=allowed_hosts(args.host, args.allowed_hosts))
     except ValueError as error:
         parser.error(str(error))
     host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
@@ -329,7 +331,7 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     with tempfile.TemporaryDirectory(prefix="nsfw-guard-metrics-") as metrics:
         # Every process of the server (they inherit this) writes its metrics there.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics)
-        from .access import loopback_hosts
+        from .access import allowed_hosts
         from .serve import ServeSettings, build_server
 
         settings = ServeSettings(
@@ -345,7 +347,7 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             max_frames=args.max_frames,
             api_key=args.api_key or None,
             model_name=_model_name(args),
-            hosts=loopback_hosts(args.host),
+            hosts=allowed_hosts(args.host, args.allowed_hosts),
         )
         server = build_server(settings, accelerator=args.device)
 
@@ -364,6 +366,16 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         _say(f"nsfw-guard: serving {settings.model_name} on http://{args.host}:{args.port}/")
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
     return EXIT_OK
+
+
+def _add_allowed_hosts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allowed-hosts",
+        metavar="NAMES",
+        help="host names requests may give besides 127.0.0.1, localhost and ::1, comma-separated "
+        "(a reverse proxy's public name), or * for any (default: any when listening on all "
+        "addresses; on 127.0.0.1 none, against DNS rebinding)",
+    )
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -82,7 +82,7 @@ class ServeSettings:
     api_key: str | None = None
     model_name: str = DEFAULT_MODEL
     hosts: frozenset[str] | None = None
-    """The host names requests may give (:func:`~nsfw_guard.access.loopback_hosts`); ``None``:
+    """The host names requests may give (:func:`~nsfw_guard.access.allowed_hosts`); ``None``:
     any."""
 
 
