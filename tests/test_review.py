@@ -157,6 +157,10 @@ def test_without_its_key_nothing_is_shown_or_decided(one_photo):
         assert response.status_code == 401 and "nsfw-guard review printed" in response.text
     assert stranger.get("/").status_code == 401 and "?key=" in stranger.get("/").text
     assert stranger.get("/?key=wrong").status_code == 401
+    assert stranger.get("/?key=wr%C3%B6ng").status_code == 401  # any text: no 500
+    assert (
+        stranger.get("/api/records", headers={"Authorization": b"Bearer \xe9"}).status_code == 401
+    )
     assert stranger.post("/api/decisions", json=decision).status_code == 401
     assert not decisions_path(results).exists()
 

@@ -296,7 +296,8 @@ def test_64_concurrent_requests_are_answered_and_batched(server, expected):
 def test_the_api_key_is_required_everywhere_but_healthz_and_the_page(server):
     photo = PHOTO_PATHS[0].read_bytes()
     jpeg = {"content-type": "image/jpeg"}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    wrong = ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY})
+    for headers in (*wrong, {"Authorization": b"Bearer \xe9"}):  # any bytes: a 401, no 500
         response = httpx.post(server + "/v1/moderate", content=photo, headers={**jpeg, **headers})
         assert response.status_code == 401 and "API key" in response.json()["error"]["message"]
         assert httpx.get(server + "/metrics", headers=headers).status_code == 401

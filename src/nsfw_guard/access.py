@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import hmac
 
-__all__ = ["LOOPBACK_HOSTS", "allowed_hosts", "bearer_matches", "host_name", "wrong_host"]
+__all__ = [
+    "LOOPBACK_HOSTS",
+    "allowed_hosts",
+    "bearer_matches",
+    "host_name",
+    "same_key",
+    "wrong_host",
+]
 
 LOOPBACK_HOSTS = frozenset(["127.0.0.1", "localhost", "::1"])
 """The names a server listening on this machine only answers to."""
@@ -48,15 +55,27 @@ def host_name(header: str) -> str:
     return name.lower()
 
 
+def same_key(given: str, key: str) -> bool:
+    """Whether ``given`` is ``key``, compared in constant time (as UTF-8: any text may come).
+
+    Example:
+        >>> same_key("s3cret", "s3cret"), same_key("sécret", "s3cret")
+        (True, False)
+    """
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), key.encode("utf-8", "surrogatepass")
+    )
+
+
 def bearer_matches(authorization: str, key: str) -> bool:
-    """Whether an ``Authorization`` header is ``Bearer KEY`` (compared in constant time).
+    """Whether an ``Authorization`` header is ``Bearer KEY``.
 
     Example:
         >>> bearer_matches("Bearer s3cret", "s3cret"), bearer_matches("Basic s3cret", "s3cret")
         (True, False)
     """
     scheme, _, token = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+    return scheme.lower() == "bearer" and same_key(token.strip(), key)
 
 
 def wrong_host(header: str, hosts: frozenset[str] | None) -> str | None:

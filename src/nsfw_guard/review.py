@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import functools
-import hmac
 import io
 import json
 import os
@@ -43,7 +42,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .access import bearer_matches, wrong_host
+from .access import bearer_matches, same_key, wrong_host
 from .decode import decode_image
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .records import read_records
@@ -343,12 +342,12 @@ class ReviewGate:
             return None
         cookie = f"nsfw_guard_review_{request.url.port or 80}"
         given = request.query_params.get("key")
-        if request.url.path == "/" and given is not None and hmac.compare_digest(given, self.key):
-            response = RedirectResponse("/", status_code=303)  # the key leaves the address bar
+        if request.url.path == "/" and given is not None and same_key(given, self.key):
+            response = RedirectResponse("./", status_code=303)  # the key leaves the address bar
             response.set_cookie(cookie, self.key, httponly=True, samesite="lax")
             return response
         bearer = bearer_matches(request.headers.get("authorization", ""), self.key)
-        if bearer or hmac.compare_digest(request.cookies.get(cookie, ""), self.key):
+        if bearer or same_key(request.cookies.get(cookie, ""), self.key):
             return None
         if request.url.path == "/":
             return HTMLResponse(_NO_KEY_PAGE, 401)
