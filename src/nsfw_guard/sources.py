@@ -169,14 +169,14 @@ def find_images(
     found: dict[str, list[ScanInput]] = {}  # by real path: one file is one input, or a shard's
     walked: set[str] = set()
 
-    def add(path: Path, error: str | None = None, walked: bool = False) -> None:
+    def add(path: Path, error: str | None = None, in_folder: bool = False) -> None:
         relative = Path(os.path.relpath(os.path.abspath(path), base))
         item = _scan_input(path, relative, error)
         if item.realpath in found:
             return
         shard = path.suffix.lower() in SHARD_EXTENSIONS and item.bytes >= 0
         if item.error is None and shard:
-            found[item.realpath] = list(_shard_inputs(item, image_column, walked))
+            found[item.realpath] = list(_shard_inputs(item, image_column, in_folder))
         else:
             found[item.realpath] = [item]
 
@@ -196,7 +196,7 @@ def find_images(
                 suffix = path.suffix.lower()
                 wanted = suffix in IMAGE_EXTENSIONS or suffix in SHARD_EXTENSIONS
                 if wanted and not (copies and copies.owns(path)):
-                    add(path, walked=True)
+                    add(path, in_folder=True)
             if not recursive:
                 subfolders.clear()
 
@@ -235,7 +235,7 @@ def is_shard(item: ScanInput) -> bool:
 
 
 def _shard_inputs(
-    shard: ScanInput, image_column: str | None, walked: bool = False
+    shard: ScanInput, image_column: str | None, in_folder: bool = False
 ) -> Iterator[ScanInput]:
     """The inputs inside ``shard``, each with its error if it cannot be read; what cannot be
     read of the shard itself, as one error input. A shard found in a folder that holds no
@@ -249,7 +249,7 @@ def _shard_inputs(
                 shard.path, shard.relative, shard.realpath, shard.bytes, shard.mtime, error, member
             )
     except Exception as error:
-        if walked and isinstance(error, NoImages):
+        if in_folder and isinstance(error, NoImages):
             return
         yield ScanInput(
             shard.path,
