@@ -237,19 +237,27 @@ class RayEngine:
                 num_cpus=0 if on_gpu else 0.5,
             )
             made: list[dict[str, Any]] = []
-            for batch in checked.iter_batches(batch_size=None, batch_format="numpy"):
-                records = []
-                for index, data in zip(batch["index"], batch["record"], strict=True):
-                    record = pickle.loads(data)
-                    record["path"] = str(inputs[int(index)].path)  # as the user gave it
-                    records.append(record)
-                if records_file is not None:
-                    records_file.write(records)
-                if on_records is not None:
-                    on_records(records)
-                made.extend(records)
-                if should_stop is not None and should_stop():
-                    break
+            # No prefetch: after a stop's early break, Ray Data's prefetch thread may still call
+            # into Ray, and a call after ``ray.shutdown`` kills this process (exit 1, no summary).
+            # Records are small and the actors work ahead anyway. Closed here, not when
+            # collected, so that Ray Data's executor stops before the cluster does.
+            batches = iter(
+                checked.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+            )
+            with contextlib.closing(batches):
+                for batch in batches:
+                    records = []
+                    for index, data in zip(batch["index"], batch["record"], strict=True):
+                        record = pickle.loads(data)
+                        record["path"] = str(inputs[int(index)].path)  # as the user gave it
+                        records.append(record)
+                    if records_file is not None:
+                        records_file.write(records)
+                    if on_records is not None:
+                        on_records(records)
+                    made.extend(records)
+                    if should_stop is not None and should_stop():
+                        break
             return made
 
 
