@@ -39,11 +39,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(checkpoint: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    """``nsfw-guard serve`` on a free port; returns once /healthz answers 200."""
+def start_server(
+    checkpoint: Path, *options: str, python: tuple[str, ...] = ("-m", "nsfw_guard")
+) -> tuple[subprocess.Popen, str]:
+    """``nsfw-guard serve`` on a free port (run as ``python *python serve ...``); returns once
+    /healthz answers 200."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    command = [sys.executable, "-m", "nsfw_guard", "serve", "--model", str(checkpoint)]
+    command = [sys.executable, *python, "serve", "--model", str(checkpoint)]
     command += ["--port", str(port), "--device", "cpu", "--dtype", "float32", *options]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -475,6 +478,31 @@ def test_the_worker_takes_one_request_at_a_time_without_batching(sharp_checkpoin
     response = worker.encode_response(worker.predict(worker.decode_request(request)))
     result = json.loads(response.body)["results"][0]
     assert scores_of(result) == pytest.approx(expected[photo.name], abs=1e-4)
+
+
+# ``nsfw-guard serve`` with LitServe's worker monitor polling every 10 ms instead of every 2 s.
+_FAST_MONITOR = """
+import sys
+import litserve
+
+init = litserve.LitServer.__init__
+
+def fast_monitor_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.monitor_internal = 0.01
+
+litserve.LitServer.__init__ = fast_monitor_init
+from nsfw_guard.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_stops_cleanly_however_its_worker_monitor_is_timed(sharp_checkpoint):
+    """LitServe's monitor polls its manager; a stop that shut the manager down under it logged a
+    traceback (CI saw it once with the 2 s poll; a 10 ms poll hits it on every stop)."""
+    process, _ = start_server(sharp_checkpoint, python=("-c", _FAST_MONITOR))
+    stop_server(process)
 
 
 def test_serve_says_what_is_wrong_before_starting(capsys):

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -556,7 +557,7 @@ def build_server(settings: ServeSettings, *, accelerator: str = "auto") -> ls.Li
     """
     import python_multipart  # noqa: F401 - multipart uploads need it: fail now, not per request
 
-    return ls.LitServer(
+    return _ModerationServer(
         ModerationAPI(settings),
         accelerator=accelerator,
         devices=1,
@@ -566,3 +567,23 @@ def build_server(settings: ServeSettings, *, accelerator: str = "auto") -> ls.Li
         disable_openapi_url=True,
         model_metadata={"model": settings.model_name},
     )
+
+
+class _ModerationServer(ls.LitServer):
+    """LitServer whose shutdown stops its worker monitor first.
+
+    LitServe's monitor thread polls an event held by its multiprocessing manager. On Ctrl-C or
+    SIGTERM nothing sets that event, and the manager is shut down under the polling thread,
+    which then logs a traceback (or takes the workers' end for a crash).
+    """
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+        monitor = next((t for t in threading.enumerate() if t.name == "litserve-monitoring"), None)
+        if monitor is not None and monitor is not threading.current_thread():
+            # From a thread of its own: this one's connection to the manager may still be
+            # waiting on that event (a wait that Ctrl-C interrupted).
+            stop_monitor = threading.Thread(target=self._shutdown_event.set, daemon=True)
+            stop_monitor.start()
+            stop_monitor.join(timeout=10)
+            monitor.join(timeout=self.monitor_internal + 10)
+        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
