@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -503,6 +504,23 @@ def test_serve_stops_cleanly_however_its_worker_monitor_is_timed(sharp_checkpoin
     traceback (CI saw it once with the 2 s poll; a 10 ms poll hits it on every stop)."""
     process, _ = start_server(sharp_checkpoint, python=("-c", _FAST_MONITOR))
     stop_server(process)
+
+
+def test_serve_stops_with_one_clear_line_when_its_model_worker_dies(sharp_checkpoint):
+    """A model worker killed (the OOM killer, a driver crash): the server goes down, exit 4 with
+    what happened, no traceback, no process left."""
+    from nsfw_guard.cli import EXIT_ERROR
+
+    process, _ = start_server(sharp_checkpoint)
+    children = descendants(process.pid)
+    # LitServe spawns its model worker; the manager and the HTTP server are forked.
+    worker = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(worker) == 1, children
+    os.kill(worker[0], signal.SIGKILL)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == EXIT_ERROR and b"Traceback" not in output, output.decode()[-3000:]
+    assert b"its model worker process ended (it crashed or was killed)" in output
+    assert wait_gone(children, 30), "a server process outlived it"
 
 
 def test_serve_says_what_is_wrong_before_starting(capsys):

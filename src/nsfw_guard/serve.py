@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import io
 import json
@@ -570,20 +571,35 @@ def build_server(settings: ServeSettings, *, accelerator: str = "auto") -> ls.Li
 
 
 class _ModerationServer(ls.LitServer):
-    """LitServer whose shutdown stops its worker monitor first.
+    """LitServer that stops its worker monitor before it shuts down, and says so when its model
+    worker dies.
 
     LitServe's monitor thread polls an event held by its multiprocessing manager. On Ctrl-C or
     SIGTERM nothing sets that event, and the manager is shut down under the polling thread,
-    which then logs a traceback (or takes the workers' end for a crash).
+    which then logs a traceback (or takes the workers' end for a crash). When the model worker
+    does die, the monitor shuts the server down, and ``run`` fails with the manager's
+    ``EOFError``: here it fails with what happened.
     """
+
+    def run(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().run(*args, **kwargs)
+        except (EOFError, ConnectionError) as error:  # the manager is gone: the monitor shut down
+            raise RuntimeError(
+                "the server stopped: its model worker process ended (it crashed or was killed)"
+            ) from error
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
         monitor = next((t for t in threading.enumerate() if t.name == "litserve-monitoring"), None)
         if monitor is not None and monitor is not threading.current_thread():
             # From a thread of its own: this one's connection to the manager may still be
             # waiting on that event (a wait that Ctrl-C interrupted).
-            stop_monitor = threading.Thread(target=self._shutdown_event.set, daemon=True)
+            stop_monitor = threading.Thread(target=self._stop_monitor, daemon=True)
             stop_monitor.start()
             stop_monitor.join(timeout=10)
             monitor.join(timeout=self.monitor_internal + 10)
         super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+
+    def _stop_monitor(self) -> None:
+        with contextlib.suppress(EOFError, OSError):  # the manager is gone, and the monitor with it
+            self._shutdown_event.set()
