@@ -59,6 +59,19 @@ def assert_scores(record: dict, expected: list[float]) -> None:
     assert got == pytest.approx(expected, abs=1e-5), record
 
 
+def records_by_member(output: Path) -> dict[tuple[str, str | None], dict]:
+    """A scan's records by (file name, member), in the order they were written."""
+    return {(Path(r["path"]).name, r["member"]): r for r in read_records(output)}
+
+
+def assert_rows_score_as(
+    records: dict, shard: str, photos: list[Path], file_scores: dict[str, list[float]]
+) -> None:
+    """Row ``i`` of the parquet ``shard`` scored as ``photos[i]`` does as a file."""
+    for row, photo in enumerate(photos):
+        assert_scores(records[(shard, str(row))], file_scores[photo.name])
+
+
 def test_brace_patterns_expand_and_an_existing_name_is_kept(tmp_path):
     odd = tmp_path / "odd{1..2}.tar"
     odd.touch()
@@ -107,7 +120,7 @@ def test_a_truncated_shard_keeps_its_whole_members_and_records_the_rest_as_an_er
     paths = [tmp_path / name for name in ("cut-data.tar", "cut-header.tar", "not-a-tar.tar")]
     code, err = scan(capsys, *paths, "--model", sharp_checkpoint, "--output", output)
     assert code == EXIT_FILE_ERRORS, err
-    records = {(Path(r["path"]).name, r["member"]): r for r in read_records(output)}
+    records = records_by_member(output)
     assert list(records) == [  # in shard order, a shard's error after its members
         ("cut-data.tar", "0000.jpg"),
         ("cut-data.tar", "0001.jpg"),
@@ -142,10 +155,9 @@ def test_parquet_files_binary_struct_and_named_columns(
     output = tmp_path / "r.jsonl"
     code, err = scan(capsys, tmp_path, "--model", sharp_checkpoint, "--output", output)
     assert code == EXIT_FILE_ERRORS, err
-    records = {(Path(r["path"]).name, r["member"]): r for r in read_records(output)}
+    records = records_by_member(output)
     for shard in ("img2dataset.parquet", "hf.parquet"):
-        for row, photo in enumerate(photos):
-            assert_scores(records[(shard, str(row))], file_scores[photo.name])
+        assert_rows_score_as(records, shard, photos, file_scores)
     assert records[("img2dataset.parquet", "3")]["error"] == (
         "ShardError: nothing where the image's bytes were expected"
     )
@@ -357,10 +369,9 @@ def test_a_hugging_face_image_column_of_any_name_is_found(
     output = tmp_path / "r.jsonl"
     code, err = scan(capsys, tmp_path, "--model", sharp_checkpoint, "--output", output)
     assert code == EXIT_FILE_ERRORS, err
-    records = {(Path(r["path"]).name, r["member"]): r for r in read_records(output)}
+    records = records_by_member(output)
     for shard in ("cifar.parquet", "no-metadata.parquet"):
-        for row, photo in enumerate(photos):
-            assert_scores(records[(shard, str(row))], file_scores[photo.name])
+        assert_rows_score_as(records, shard, photos, file_scores)
     assert records[("two.parquet", None)]["error"] == (
         "ShardError: several image columns (photo, mask); name one with --image-column"
     )
