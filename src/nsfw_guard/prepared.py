@@ -141,16 +141,13 @@ def check_prepared(
         return []
     with torch.inference_mode():
         scores, verifiable, owners = classify_prepared(images, step.scorer, batch_size)
-        device = scores.device
+        own_levels = own_thresholds = None  # the step's, unless each image has its own
+        if levels is not None:
+            own_levels = torch.tensor([level.index for level in levels], device=scores.device)
+        if thresholds is not None:
+            own_thresholds = torch.tensor(thresholds, device=scores.device)
         verdicts = step.verdicts(
-            scores,
-            verifiable,
-            owners,
-            len(images),
-            levels=None
-            if levels is None
-            else torch.tensor([v.index for v in levels], device=device),
-            thresholds=None if thresholds is None else torch.tensor(thresholds, device=device),
+            scores, verifiable, owners, len(images), levels=own_levels, thresholds=own_thresholds
         )
         table = torch.cat(
             [verdicts.scores, verdicts.levels[:, None], verdicts.flags[:, None]], dim=1
