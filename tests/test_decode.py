@@ -369,3 +369,17 @@ def test_every_picture_of_an_icon_is_a_frame(tmp_path):
     colours = [frame.pixels[0, :3, 0, 0].tolist() for frame in decoded.frames]
     assert colours == [[255, 0, 0], [0, 255, 0]]  # the red 16x16 picture is checked too
     assert decode_image(path.read_bytes(), max_frames=1).frame_indices == (0,)
+
+
+def test_every_size_of_a_mac_icon_and_a_single_spider_image_decode(tmp_path):
+    """ICNS sizes carry a scale (a 16x16@2x picture is 32x32 pixels); a SPIDER file that is not
+    a stack refuses even a seek to its only image. Both decode whole."""
+    icns, spider = io.BytesIO(), io.BytesIO()
+    Image.new("RGBA", (64, 64), (255, 0, 0, 255)).save(icns, "ICNS")
+    Image.new("F", (24, 16), 0.5).save(spider, "SPIDER")
+    icon = decode_image(icns.getvalue())
+    sizes = [frame.pixels.shape[-1] for frame in icon.frames]
+    assert icon.all_frames_checked and sizes == sorted(sizes) and sizes[-1] == 1024
+    assert all(frame.pixels[0, :, 0, 0].tolist() == [255, 0, 0, 255] for frame in icon.frames)
+    single = decode_image(spider.getvalue())
+    assert single.frame_count == 1 and single.frames[0].pixels.shape == (1, 1, 16, 24)

@@ -10,7 +10,9 @@ again, so a file replaced while it is being scanned can never be copied unchecke
   followed; link loops and broken links raise the usual ``OSError``.
 - :func:`decode_image` treats an image over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``) as
   an error, applies EXIF orientation to every frame, takes every frame or ``max_frames`` spread
-  evenly, and box-reduces very large frames (any mode) before they become tensors.
+  evenly, and box-reduces very large frames (any mode) before they become tensors. With
+  ``frame_limit`` it decodes only the first of those frames and leaves the others ``later``, for
+  :func:`decode_frames` to stream a chunk at a time (an animation's memory stays bounded).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -33,8 +35,10 @@ __all__ = [
     "DecodedImage",
     "NotARegularFile",
     "decode_file",
+    "decode_frames",
     "decode_image",
     "file_kind",
+    "frame_indices",
     "iter_frames",
     "open_regular",
     "read_file",
@@ -74,10 +78,11 @@ class NotARegularFile(OSError):
 class DecodedImage:
     """The frames of one image to check, and what they were decoded from.
 
-    ``frames`` holds one ``[1, C, H, W]`` batch per checked frame: EXIF-oriented, and
+    ``frames`` holds one ``[1, C, H, W]`` batch per decoded frame: EXIF-oriented, and
     box-reduced when far larger than the model's input (``target_size``). ``width`` and
     ``height`` are the full size of the oriented first frame. ``frame_indices`` says which of
-    the file's ``frame_count`` frames were checked; ``data`` is the exact bytes decoded.
+    the file's ``frame_count`` frames are in ``frames``, ``later`` which further frames are to
+    be checked (decoded by :func:`decode_frames`); ``data`` is the exact bytes decoded.
 
     Example:
         >>> image = decode_file("tests/data/chelsea.jpg")
@@ -94,16 +99,18 @@ class DecodedImage:
     frame_indices: tuple[int, ...]
     data: bytes
     format: str | None
+    later: tuple[int, ...] = ()
 
     @property
     def all_frames_checked(self) -> bool:
-        """Whether every frame of the file is in ``frames`` (not only a sample of them).
+        """Whether every frame of the file is to be checked: in ``frames`` or ``later`` (not
+        only a sample of them).
 
         Example:
             >>> decode_file("tests/data/rocket.jpg", max_frames=1).all_frames_checked
             True
         """
-        return len(self.frame_indices) == self.frame_count
+        return len(self.frame_indices) + len(self.later) == self.frame_count
 
 
 def read_file(path: str | os.PathLike) -> bytes:
@@ -165,12 +172,17 @@ def file_kind(mode: int) -> str:
 
 
 def decode_image(
-    data: bytes, *, max_frames: int | None = None, target_size: int | None = None
+    data: bytes,
+    *,
+    max_frames: int | None = None,
+    target_size: int | None = None,
+    frame_limit: int | None = None,
 ) -> DecodedImage:
     """Decode an image file's bytes into the frames to check.
 
     Every frame is taken when ``max_frames`` is None; else at most ``max_frames`` frames spread
-    evenly over the file, the first and (from two on) the last always among them. A frame whose
+    evenly over the file (:func:`frame_indices`). With ``frame_limit``, only the first
+    ``frame_limit`` of them are decoded; the rest are left ``later``. A frame whose
     shorter side is at least 4x ``target_size`` (the model's input side) is box-reduced by an
     integer factor that keeps it at least 2x ``target_size``, before it becomes a tensor, so a
     huge image is never held as floats; palette, bilevel and 16-bit frames are converted first
@@ -187,13 +199,17 @@ def decode_image(
         >>> image = decode_image(buffer.getvalue(), max_frames=4)
         >>> image.format, image.frame_count, image.frame_indices, (image.width, image.height)
         ('GIF', 40, (0, 13, 26, 39), (32, 24))
+        >>> streamed = decode_image(buffer.getvalue(), frame_limit=16)
+        >>> len(streamed.frames), streamed.later[:3], streamed.all_frames_checked
+        (16, (16, 17, 18), True)
         >>> big = io.BytesIO()
         >>> Image.new("1", (2000, 1800)).save(big, "PNG")
         >>> decode_image(big.getvalue(), target_size=448).frames[0].pixels.shape
         torch.Size([1, 1, 900, 1000])
     """
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be at least 1, not {max_frames}")
+    for name, value in (("max_frames", max_frames), ("frame_limit", frame_limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
     if target_size is not None and target_size < 1:
         raise ValueError(f"target_size must be at least 1, not {target_size}")
     if not isinstance(data, bytes):
@@ -204,7 +220,7 @@ def decode_image(
         # Pillow warns past its pixel limit and raises at twice it: both are errors here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return _decode(data, max_frames, target_size)
+            return _decode(data, max_frames, target_size, frame_limit)
         except Image.DecompressionBombWarning as warning:
             raise Image.DecompressionBombError(str(warning)) from None
 
@@ -222,7 +238,9 @@ def decode_file(
     return decode_image(read_file(path), max_frames=max_frames, target_size=target_size)
 
 
-def _decode(data: bytes, max_frames: int | None, target_size: int | None) -> DecodedImage:
+def _decode(
+    data: bytes, max_frames: int | None, target_size: int | None, frame_limit: int | None
+) -> DecodedImage:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -232,14 +250,12 @@ def _decode(data: bytes, max_frames: int | None, target_size: int | None) -> Dec
         ) from None
     with image:
         positions = _positions(image)
-        count = len(positions)
-        indices = range(count)
-        if max_frames is not None and count > max_frames:
-            picks = np.linspace(0, count - 1, max_frames).round().astype(int)
-            indices = sorted(set(picks.tolist()))
+        indices = frame_indices(len(positions), max_frames)
+        limit = len(indices) if frame_limit is None else frame_limit
+        now, later = indices[:limit], indices[limit:]
         frames: list[ImageBatch] = []
         width = height = 0
-        for index in indices:
+        for index in now:
             frame = _frame_at(image, positions[index])
             if not frames:
                 width, height = frame.size
@@ -249,11 +265,51 @@ def _decode(data: bytes, max_frames: int | None, target_size: int | None) -> Dec
             frames=frames,
             width=width,
             height=height,
-            frame_count=count,
-            frame_indices=tuple(int(i) for i in indices),
+            frame_count=len(positions),
+            frame_indices=now,
             data=data,
             format=image.format,
+            later=later,
         )
+
+
+def frame_indices(count: int, max_frames: int | None = None) -> tuple[int, ...]:
+    """Which of ``count`` frames to check: all of them (``max_frames`` None), or at most
+    ``max_frames`` spread evenly, the first and (from two on) the last always among them.
+
+    Example:
+        >>> frame_indices(40, 4), frame_indices(3, 16)
+        ((0, 13, 26, 39), (0, 1, 2))
+    """
+    if max_frames is None or count <= max_frames:
+        return tuple(range(count))
+    return tuple(sorted(set(np.linspace(0, count - 1, max_frames).round().astype(int).tolist())))
+
+
+def decode_frames(
+    data: bytes, indices: Sequence[int] | None = None, target_size: int | None = None
+) -> Iterator[ImageBatch]:
+    """The frames at ``indices`` (ascending; ``None``: every frame) of the image in ``data``,
+    decoded one at a time as :func:`decode_image` decodes them: an animation streamed in
+    bounded memory.
+
+    Example:
+        >>> frames = [Image.new("L", (32, 24), 6 * i) for i in range(40)]
+        >>> buffer = io.BytesIO()
+        >>> frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+        >>> [batch.pixels[0, 0, 0, 0].item() for batch in decode_frames(buffer.getvalue(), [1, 39])]
+        [6, 234]
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        positions = _positions(image)
+        for index in range(len(positions)) if indices is None else indices:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                try:
+                    batches = _to_batches(_frame_at(image, positions[index]), target_size)
+                except Image.DecompressionBombWarning as warning:
+                    raise Image.DecompressionBombError(str(warning)) from None
+            yield from batches
 
 
 def iter_frames(data: bytes) -> Iterator[Image.Image]:
@@ -285,8 +341,11 @@ def _positions(image: Image.Image) -> list[int | tuple[int, ...]]:
 def _frame_at(image: Image.Image, position: int | tuple[int, ...]) -> Image.Image:
     """The oriented frame at ``position`` (see :func:`_positions`)."""
     if isinstance(position, tuple):
+        if len(position) == 3:  # ICNS: (width, height, scale), which it loads as its best_size
+            image.best_size = position
+            position = (position[0] * position[2], position[1] * position[2])
         image.size = position
-    else:
+    elif position != image.tell():  # a single-image SPIDER file refuses even seek(0)
         image.seek(position)
     return _oriented(image)
 
