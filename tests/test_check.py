@@ -1,10 +1,14 @@
 """The in-graph check step: flags, censoring, fail-closed on NaN, and a torch.export proof."""
 
+import io
+
 import pytest
 import torch
+from PIL import Image
 
 from nsfw_guard.check import CheckStep
 from nsfw_guard.model import load_model
+from nsfw_guard.prepared import FRAME_CHUNK, check_prepared, prepare_bytes
 from nsfw_guard.scoring import NSFWScorer
 
 from .conftest import make_brightness_checkpoint
@@ -138,3 +142,47 @@ def test_scan_verdicts_take_the_worst_frame_and_export_without_host_sync(bright_
     torch.testing.assert_close(scores[0, 1:], frame_scores[:2, 1:].amax(dim=0))
     torch.testing.assert_close(scores[0, 0], frame_scores[:2, 0].amin())
     assert levels.tolist() == [3, 3, 0]
+
+
+# Animations: every frame, streamed a chunk at a time ----------------------------------------------
+
+
+def _gif(bright: set[int], count: int) -> bytes:
+    frames = [
+        Image.new("RGB", (48, 32), (250, 250, 250) if i in bright else (i, 0, 0))
+        for i in range(count)
+    ]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=40)
+    return buffer.getvalue()
+
+
+def test_long_animations_are_checked_whole_a_chunk_at_a_time(bright_step):
+    """One bright frame, the 77th of 100: only the first chunk is prepared up front, the rest
+    is classified a chunk at a time, and the verdict is the whole animation's worst frame (the
+    same as preparing every frame at once). A sample that misses it is flagged anyway."""
+    preprocess = bright_step.scorer.preprocess
+    late, dark = _gif({77}, 100), _gif(set(), 3)
+    image = prepare_bytes(late, preprocess)
+    assert image.pixels.shape[0] == FRAME_CHUNK and image.later == tuple(range(FRAME_CHUNK, 100))
+    assert (image.frame_count, image.frames_checked, image.sampled) == (100, 100, False)
+    sizes = []
+    hook = bright_step.scorer.model.register_forward_pre_hook(
+        lambda module, args: sizes.append(args[0].shape[0])
+    )
+    try:
+        sample = prepare_bytes(late, preprocess, max_frames=4)  # frames 0, 33, 66, 99
+        images = [image, prepare_bytes(dark, preprocess), sample]
+        verdicts = check_prepared(images, bright_step, batch_size=8)
+    finally:
+        hook.remove()
+    assert max(sizes) <= 8 and sum(sizes) == 100 + 3 + 4  # every frame once, 8 at most at a time
+    assert [(v.level.value, v.flagged) for v in verdicts] == [
+        ("high", True),
+        ("neutral", False),
+        ("neutral", True),  # its frame 77 was never looked at: not cleared
+    ]
+    at_once = prepare_bytes(late, preprocess, chunk=1000)
+    assert at_once.pixels.shape[0] == 100 and not at_once.later
+    # Within float tolerance: other batch sizes take other GEMM paths.
+    assert check_prepared([at_once], bright_step)[0].scores == pytest.approx(verdicts[0].scores)

@@ -399,3 +399,20 @@ def test_video_frames_are_checked_one_by_one(tmp_path):
     assert frames.shape == baseline.shape == (1, 3, 64, 64, 3)
     assert len(g.last) == 3 and all(r.flagged for r in g.last)
     assert (frames == 0).all()
+
+
+def test_every_frame_of_a_long_video_is_checked(tmp_path):
+    """One bright frame, the 25th of 40, of a decoded video: it alone is flagged and blanked;
+    every other frame is the unguarded output, bit for bit."""
+    video, _ = make_pipeline("video", tmp_path)
+    decoded = torch.full((1, 3, 40, 32, 32), -0.8)  # [B, C, F, H, W] as the VAE decodes it
+    decoded[:, :, 25] = 0.9
+    baseline = video.video_processor.postprocess_video(decoded, output_type="np")
+    g = guard(video, model=make_brightness_checkpoint(tmp_path, 0.0), action="blank")
+    try:
+        frames = video.video_processor.postprocess_video(decoded, output_type="np")
+    finally:
+        g.remove()
+    assert [result.flagged for result in g.last] == [i == 25 for i in range(40)]
+    assert (frames[0, 25] == 0).all() and (baseline[0, 25] > 0.9).all()
+    np.testing.assert_array_equal(np.delete(frames, 25, axis=1), np.delete(baseline, 25, axis=1))

@@ -267,3 +267,22 @@ def _start_ray_scan(shard: Path, options: list, output: Path, stderr: int) -> su
             break
         time.sleep(0.01)
     return process
+
+
+def test_the_classifier_checks_every_frame_and_flags_a_sample(tmp_path):
+    """Without Ray: one bright frame, the 25th of 40, is found; a sample that misses it is
+    flagged anyway and says so."""
+    from .conftest import make_brightness_checkpoint
+    from .test_check import _gif
+
+    checkpoint = make_brightness_checkpoint(tmp_path, 0.0)
+    batch = {"gif": np.array([_gif({25}, 40), _gif(set(), 40)], dtype=object)}
+    every = NSFWClassifier(str(checkpoint), device="cpu", image_column="gif")(batch)
+    assert every["nsfw_level"].tolist() == ["high", "neutral"]
+    assert every["nsfw_flagged"].tolist() == [True, False]
+    assert every["nsfw_sampled"].tolist() == [False, False]
+    sample = NSFWClassifier(str(checkpoint), device="cpu", image_column="gif", max_frames=16)
+    sampled = sample(batch)
+    assert sampled["nsfw_level"].tolist() == ["neutral", "neutral"]  # frame 25: not in the sample
+    assert sampled["nsfw_flagged"].tolist() == [True, True]
+    assert sampled["nsfw_sampled"].tolist() == [True, True]

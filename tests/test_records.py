@@ -68,6 +68,7 @@ def make_record(path: str, **values) -> dict:
         "frames_checked": 1,
         "model": "Freepik/nsfw_image_detector",
         "member": None,
+        "sampled": False,
     }
     record.update(values)
     return record
@@ -126,7 +127,8 @@ def write_file(path: Path, records: list[dict]) -> None:
 
 
 def test_new_fields_are_appended_to_the_fields_of_old_record_files():
-    assert (*OLD_FIELDS, "realpath", "frames_checked", "model", "member") == RECORD_FIELDS
+    new_fields = ("realpath", "frames_checked", "model", "member", "sampled")
+    assert (*OLD_FIELDS, *new_fields) == RECORD_FIELDS
 
 
 @FORMATS
@@ -349,16 +351,16 @@ def test_csv_rows_with_missing_columns_or_bad_values_are_skipped_with_one_warnin
     records, message = read_warned(output)
     assert records == good
     assert message.startswith(f"{output}: skipped 7 lines that are not records: ")
-    assert "line 3 (3 columns, the header has 17), line 4 (18 columns," in message
+    assert "line 3 (3 columns, the header has 18), line 4 (19 columns," in message
     assert "line 5 ('bytes': cannot read '12\\udcff')" in message
-    assert "line 6 (1 columns, the header has 17), line 7 ('flagged': cannot read" in message
+    assert "line 6 (1 columns, the header has 18), line 7 ('flagged': cannot read" in message
     assert message.endswith(", and 2 more")
 
 
 def test_csv_from_a_spreadsheet_reads(tmp_path):
     """A byte order mark, TRUE/FALSE, a missing trailing line break on a complete file."""
     output = tmp_path / "results.csv"
-    record = make_record("/a.jpg", realpath=None, frames_checked=None, model=None)
+    record = make_record("/a.jpg", realpath=None, frames_checked=None, model=None, sampled=None)
     values = ["" if record[k] is None else str(record[k]) for k in OLD_FIELDS]
     values[OLD_FIELDS.index("flagged")] = "TRUE"
     text = "\ufeff" + ",".join(OLD_FIELDS) + "\r\n" + ",".join(values) + "\r\n"
@@ -405,7 +407,7 @@ def test_records_written_before_realpath_resume_from_the_same_folder(tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     [record] = read_quietly(output)
-    new_fields = {"realpath": None, "frames_checked": None, "model": None, "member": None}
+    new_fields = dict.fromkeys(("realpath", "frames_checked", "model", "member", "sampled"))
     assert record == {**old[0], **new_fields}
     real = str(tmp_path.resolve() / "photos" / "a.jpg")
     key = (real, old[0]["bytes"], old[0]["mtime"], None)

@@ -23,7 +23,7 @@ from nsfw_guard.cli import (
     EXIT_USAGE,
     main,
 )
-from nsfw_guard.copies import MANIFEST_NAME
+from nsfw_guard.copies import MANIFEST_NAME, CopyFolder
 from nsfw_guard.records import part_path, part_paths
 from nsfw_guard.scan import read_records
 
@@ -142,21 +142,21 @@ def _animation(path: Path, bright_frames: set[int], count: int) -> Path:
     return path
 
 
-def test_check_and_scan_see_every_frame_and_agree(bright, tmp_path, capsys):
-    """The reproducer: one bright frame, the 25th of 40, in an animation."""
+def test_check_and_scan_see_every_frame_by_default_and_agree(bright, tmp_path, capsys):
+    """The reproducer: one bright frame, the 25th of 40 (past the first chunk of frames), in an
+    animation, with the default options."""
     folder = tmp_path / "gifs"
     folder.mkdir()
     late = _animation(folder / "late.gif", {25}, 40)
     dark = _animation(folder / "dark.gif", set(), 3)
     output = tmp_path / "r.jsonl"
-    code, _, _ = _scan(capsys, folder, "--model", bright, "--output", output, "--max-frames", "0")
+    code, _, _ = _scan(capsys, folder, "--model", bright, "--output", output)
     assert code == EXIT_OK
     scanned = {Path(r["path"]).name: r for r in read_records(output)}
     assert scanned["late.gif"]["flagged"] and scanned["late.gif"]["frames_checked"] == 40
+    assert not scanned["late.gif"]["sampled"] and scanned["late.gif"]["level"] != "neutral"
     assert not scanned["dark.gif"]["flagged"]
-    code, out, _ = _cli(
-        capsys, "check", "--device", "cpu", "--model", bright, "--max-frames", "0", late, dark
-    )
+    code, out, _ = _cli(capsys, "check", "--device", "cpu", "--model", bright, late, dark)
     assert code == EXIT_FLAGGED
     lines = dict(line.split("\t", 1) for line in out.splitlines())
     assert lines[str(late)].endswith("FLAGGED") and lines[str(dark)].endswith("ok")
@@ -168,7 +168,7 @@ def test_check_and_scan_see_every_frame_and_agree(bright, tmp_path, capsys):
         )
 
 
-def test_a_sampled_animation_is_never_copied_as_clean(bright, tmp_path, capsys):
+def test_a_sampled_animation_is_flagged_and_never_copied_as_clean(bright, tmp_path, capsys):
     folder = tmp_path / "gifs"
     folder.mkdir()
     _animation(folder / "long.gif", set(), 40)  # clean, but only 16 of its 40 frames checked
@@ -176,14 +176,32 @@ def test_a_sampled_animation_is_never_copied_as_clean(bright, tmp_path, capsys):
     copies = tmp_path / "copies"
     output = tmp_path / "r.jsonl"
     args = ["--model", bright, "--output", output, "--censor-to", copies, "--copy-clean"]
-    code, _, _ = _scan(capsys, folder, *args)
+    code, _, _ = _scan(capsys, folder, *args, "--max-frames", "16")
     assert code == EXIT_OK
     records = {Path(r["path"]).name: r for r in read_records(output)}
-    assert (records["long.gif"]["frames"], records["long.gif"]["frames_checked"]) == (40, 16)
-    assert sorted(p.name for p in copies.glob("*.gif")) == ["short.gif"]
-    # With every frame checked it is copied, byte for byte.
-    code, _, _ = _scan(capsys, folder, *args, "--max-frames", "0", "--resume")
+    long, short = records["long.gif"], records["short.gif"]
+    assert (long["frames"], long["frames_checked"], long["sampled"]) == (40, 16, True)
+    assert long["level"] == "neutral" and long["flagged"]  # never looked at: not cleared
+    assert (short["frames_checked"], short["sampled"], short["flagged"]) == (3, False, False)
+    assert (copies / "short.gif").read_bytes() == (folder / "short.gif").read_bytes()
+    assert CopyFolder(copies).kind(copies / "long.gif") == "censored"
+    # Kept on resume with the same sample, and decided again at another level: still flagged.
+    code, _, _ = _scan(capsys, folder, *args, "--max-frames", "16", "--resume", "--level", "high")
+    assert code == EXIT_OK
+    assert {Path(r["path"]).name: r["flagged"] for r in read_records(output)} == {
+        "long.gif": True,
+        "short.gif": False,
+    }
+    code, out, _ = _cli(
+        capsys, "check", "--device", "cpu", "--model", bright, "--max-frames", "16",
+        "--level", "high", folder / "long.gif",
+    )  # fmt: skip
+    assert code == EXIT_FLAGGED and out.rstrip().endswith("FLAGGED (sampled: 16 of 40 frames)")
+    # Every frame checked (the default) on resume: copied clean, byte for byte.
+    code, _, _ = _scan(capsys, folder, *args, "--resume")
     assert (copies / "long.gif").read_bytes() == (folder / "long.gif").read_bytes()
+    records = {Path(r["path"]).name: r for r in read_records(output)}
+    assert not records["long.gif"]["sampled"] and not records["long.gif"]["flagged"]
 
 
 def test_copies_are_made_from_the_bytes_that_were_checked(level_checkpoints, tmp_path):

@@ -405,9 +405,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-frames",
         type=int,
-        default=16,
-        help="frames checked per animation, spread evenly, first and last included; 0: every "
-        "frame (default: 16). An animation is as bad as its worst checked frame.",
+        default=0,
+        help="0: check every frame of an animation, a chunk at a time (default). N: check only "
+        "N frames, spread evenly; the others are never looked at, so such an animation is "
+        "flagged and its record says sampled. An animation is as bad as its worst frame.",
     )
 
 
@@ -456,6 +457,8 @@ def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 continue
             scores = " ".join(f"{name}={record[name]:.4f}" for name in _SCORES)
             verdict = "FLAGGED" if record["flagged"] else "ok"
+            if record["sampled"]:
+                verdict += f" (sampled: {record['frames_checked']} of {record['frames']} frames)"
             _say(f"{where}\t{record['level']}\t{scores}\t{verdict}", sys.stdout)
 
     detector = _load_detector(args, parser)

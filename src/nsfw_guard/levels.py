@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "WORST_SCORES",
     "NSFWLevel",
     "check_threshold",
     "cumulative_scores",
@@ -17,6 +18,11 @@ __all__ = [
     "mark_unverifiable",
     "parse_check_level",
 ]
+
+
+WORST_SCORES = (0.0, 1.0, 1.0, 1.0)
+"""The scores of an image that could not be checked: the worst case (see
+:func:`mark_unverifiable`)."""
 
 
 class NSFWLevel(str, Enum):

@@ -46,7 +46,7 @@ from .check import from_unit_range
 from .denoising import scheduler_family, x0_estimate
 from .detector import NSFWDetector
 from .early_stop import EarlyCheck, EarlyCheckOutput, EarlyStop, decoder_for
-from .levels import NSFWLevel, check_threshold, parse_check_level
+from .levels import WORST_SCORES, NSFWLevel, check_threshold, parse_check_level
 from .pipeline_outputs import locate_images
 from .pipeline_support import PipelineSupport, pipeline_support
 from .preprocess import to_unit_range
@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 ON_ERROR = ("block", "raise")
-_WORST = (0.0, 1.0, 1.0, 1.0)
 _DECODERS = ("vae", "movq", "vqvae")
 _DENOISERS = ("unet", "transformer", "prior", "decoder")
 # Where a warning is not attributed: it points at the first frame outside these.
@@ -389,7 +388,7 @@ class Guard:
             )
             reason = f"check failed: {type(error).__name__}: {error}"
             checked = self._blanked(images, value_range, flagged_range)
-            verdicts = [[*_WORST, 1.0, 0.0]] * count
+            verdicts = [[*WORST_SCORES, 1.0, 0.0]] * count
         else:
             reason = "NaN or Inf pixels"
             unverifiable = sum(1 for row in verdicts if not row[5])

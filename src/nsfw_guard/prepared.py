@@ -10,6 +10,7 @@ check step's own :meth:`~nsfw_guard.check.CheckStep.verdicts`, with one host tra
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .check import CheckStep
-from .decode import decode_image
-from .levels import NSFWLevel
+from .check import CheckStep, worst_frames
+from .decode import decode_frames, decode_image
+from .inputs import ImageBatch
+from .levels import WORST_SCORES, NSFWLevel
 from .preprocess import Preprocess
 from .scoring import NSFWScorer
 
 __all__ = [
+    "FRAME_CHUNK",
     "Prepared",
     "Verdict",
     "check_prepared",
@@ -33,8 +36,14 @@ __all__ = [
 ]
 
 
+FRAME_CHUNK = 16
+"""Frames of an animation prepared at once: the first ones by :func:`prepare_bytes`, then the
+``later`` ones by :func:`check_prepared`, a chunk at a time."""
+
+
 class Prepared(NamedTuple):
-    """One image's checked frames as model input, and what they came from."""
+    """One image's frames as model input (the first ones, for a long animation), and what they
+    came from."""
 
     pixels: Tensor
     """``[frames, 3, S, S]`` float32 model input."""
@@ -43,44 +52,67 @@ class Prepared(NamedTuple):
     width: int
     height: int
     frame_count: int
-    """Frames in the file (``pixels`` holds all of them, or a sample)."""
-    complete: bool
-    """Whether every frame was checked."""
+    """Frames in the file."""
+    frames_checked: int
+    """Frames checked once the ``later`` ones are: ``frame_count``, or fewer when sampled."""
+    later: tuple[int, ...] = ()
+    """Indices of the frames still to check, decoded from ``data`` by :func:`check_prepared`."""
+    data: bytes | None = None
+    """The encoded image, while ``later`` frames are left to decode."""
+
+    @property
+    def sampled(self) -> bool:
+        """Whether some frames are never checked (an explicit ``max_frames`` sample)."""
+        return self.frames_checked < self.frame_count
 
 
 class Verdict(NamedTuple):
-    """One image's verdict (Python values)."""
+    """One image's verdict (Python values); with an ``error``, the image could not be checked
+    whole (a damaged frame past the first chunk): the worst case, flagged."""
 
     scores: tuple[float, float, float, float]
     level: NSFWLevel
     flagged: bool
+    error: str | None = None
 
 
 def prepare_bytes(
-    data: bytes, preprocess: Preprocess, *, max_frames: int | None = None
+    data: bytes,
+    preprocess: Preprocess,
+    *,
+    max_frames: int | None = None,
+    chunk: int = FRAME_CHUNK,
 ) -> Prepared:
     """Decode an image file's bytes (any format Pillow reads, every mode, EXIF orientation) and
-    preprocess its frames (``max_frames``: an even sample; ``None``: all).
+    preprocess its first ``chunk`` frames to check (``max_frames``: an even sample; ``None``:
+    every frame); the others are left ``later``, for :func:`check_prepared`.
 
     Example:
         >>> from nsfw_guard.preprocess import DataConfig
         >>> config = DataConfig.from_pretrained_cfg({"input_size": (3, 448, 448)})
         >>> data = open("tests/data/chelsea.jpg", "rb").read()
         >>> image = prepare_bytes(data, Preprocess(config))
-        >>> image.pixels.shape, image.width, image.height, image.complete
-        (torch.Size([1, 3, 448, 448]), 451, 300, True)
+        >>> image.pixels.shape, image.width, image.height, image.sampled, image.later
+        (torch.Size([1, 3, 448, 448]), 451, 300, False, ())
     """
     target = min(preprocess.config.input_size)
-    decoded = decode_image(data, max_frames=max_frames, target_size=target)
-    prepared = [preprocess(frame.pixels, frame.value_range) for frame in decoded.frames]
+    decoded = decode_image(data, max_frames=max_frames, target_size=target, frame_limit=chunk)
+    pixels, verifiable = _prepare_frames(decoded.frames, preprocess)
     return Prepared(
-        pixels=torch.cat([pixels for pixels, _ in prepared]),
-        verifiable=torch.cat([verifiable for _, verifiable in prepared]),
+        pixels=pixels,
+        verifiable=verifiable,
         width=decoded.width,
         height=decoded.height,
         frame_count=decoded.frame_count,
-        complete=decoded.all_frames_checked,
+        frames_checked=len(decoded.frame_indices) + len(decoded.later),
+        later=decoded.later,
+        data=data if decoded.later else None,
     )
+
+
+def _prepare_frames(frames: list[ImageBatch], preprocess: Preprocess) -> tuple[Tensor, Tensor]:
+    prepared = [preprocess(frame.pixels, frame.value_range) for frame in frames]
+    return torch.cat([p for p, _ in prepared]), torch.cat([v for _, v in prepared])
 
 
 def prepare_array(array: np.ndarray | Tensor, preprocess: Preprocess) -> Prepared:
@@ -111,7 +143,7 @@ def prepare_array(array: np.ndarray | Tensor, preprocess: Preprocess) -> Prepare
         channels_first, "0,255" if tensor.dtype == torch.uint8 else "0,1"
     )
     height, width = tensor.shape[:2]
-    return Prepared(pixels, verifiable, int(width), int(height), 1, True)
+    return Prepared(pixels, verifiable, int(width), int(height), frame_count=1, frames_checked=1)
 
 
 def check_prepared(
@@ -123,8 +155,10 @@ def check_prepared(
     thresholds: Sequence[float] | None = None,
 ) -> list[Verdict]:
     """Each image's verdict: its frames classified ``batch_size`` at a time on the step's
-    device, an image as bad as its worst frame (:meth:`CheckStep.verdicts`), one host transfer.
-    ``levels`` and ``thresholds`` give each image its own, in place of the step's.
+    device (an animation's ``later`` frames decoded and classified a chunk at a time), an image
+    as bad as its worst frame (:meth:`CheckStep.verdicts`), one host transfer. An image with
+    frames never checked (sampled) is flagged whatever its scores. ``levels`` and
+    ``thresholds`` give each image its own, in place of the step's.
 
     Example:
         >>> import tempfile
@@ -141,18 +175,62 @@ def check_prepared(
         return []
     with torch.inference_mode():
         scores, verifiable, owners = classify_prepared(images, step.scorer, batch_size)
+        scores, verifiable = worst_frames(scores, verifiable, owners, len(images))
+        errors: list[str | None] = [None] * len(images)
+        for index, image in enumerate(images):
+            if image.later:
+                try:
+                    scores[index], verifiable[index] = _worst_of_later(
+                        image, scores[index], verifiable[index], step.scorer, batch_size
+                    )
+                except _FrameNotDecoded as error:  # this image's error, not the batch's
+                    errors[index] = str(error)
+        sampled = torch.tensor([image.sampled for image in images], device=scores.device)
         own_levels = own_thresholds = None  # the step's, unless each image has its own
         if levels is not None:
             own_levels = torch.tensor([level.index for level in levels], device=scores.device)
         if thresholds is not None:
             own_thresholds = torch.tensor(thresholds, device=scores.device)
+        # Flagged, as an unverifiable image is: a sample leaves frames nobody looked at.
         verdicts = step.verdicts(
-            scores, verifiable, owners, len(images), levels=own_levels, thresholds=own_thresholds
+            scores, verifiable & ~sampled, levels=own_levels, thresholds=own_thresholds
         )
         table = torch.cat(
             [verdicts.scores, verdicts.levels[:, None], verdicts.flags[:, None]], dim=1
         ).tolist()  # the one host transfer
-    return [Verdict(tuple(row[:4]), NSFWLevel.parse(int(row[4])), bool(row[5])) for row in table]
+    return [
+        Verdict(WORST_SCORES, NSFWLevel.HIGH, True, error)
+        if error is not None
+        else Verdict(tuple(row[:4]), NSFWLevel.parse(int(row[4])), bool(row[5]))
+        for row, error in zip(table, errors, strict=True)
+    ]
+
+
+class _FrameNotDecoded(Exception):
+    """A frame of an animation past its first chunk could not be decoded."""
+
+
+def _worst_of_later(
+    image: Prepared, scores: Tensor, verifiable: Tensor, scorer: NSFWScorer, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """An image's worst scores ``[4]`` and verifiability, its ``later`` frames decoded and
+    classified ``chunk`` at a time into them (no host transfer)."""
+    target = min(scorer.preprocess.config.input_size)
+    frames = decode_frames(image.data, image.later, target)
+    device = scores.device
+    while True:
+        try:
+            batch = list(itertools.islice(frames, chunk))
+        except Exception as error:  # cut short or damaged past the first chunk
+            raise _FrameNotDecoded(f"{type(error).__name__}: {error}".strip()) from error
+        if not batch:
+            return scores, verifiable
+        pixels, ok = _prepare_frames(batch, scorer.preprocess)
+        ok = ok.to(device)
+        rows = torch.cat([scores[None], scorer.classify(pixels.to(device), ok)])
+        owners = torch.zeros(rows.shape[0], dtype=torch.long, device=device)
+        worst, all_ok = worst_frames(rows, torch.cat([verifiable[None], ok]), owners, 1)
+        scores, verifiable = worst[0], all_ok[0]
 
 
 def classify_prepared(

@@ -15,6 +15,7 @@ imported only where a cluster is used: the classifier only needs the batches Ray
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -31,8 +32,8 @@ import torch
 from . import DEFAULT_MODEL
 from .check import CheckStep
 from .detector import NSFWDetector
-from .levels import NSFWLevel
-from .prepared import Prepared, check_prepared, prepare_array, prepare_bytes
+from .levels import WORST_SCORES, NSFWLevel
+from .prepared import Prepared, Verdict, check_prepared, prepare_array, prepare_bytes
 from .sources import BYTES_COLUMNS, ScanInput
 
 if TYPE_CHECKING:
@@ -47,9 +48,9 @@ OUTPUT_COLUMNS = (
     "nsfw_high",
     "nsfw_level",
     "nsfw_flagged",
+    "nsfw_sampled",
     "nsfw_error",
 )
-_WORST = (0.0, 1.0, 1.0, 1.0)
 
 
 class NSFWClassifier:
@@ -60,10 +61,12 @@ class NSFWClassifier:
     Hugging Face image struct ``{"bytes": ...}``); by default ``image``, else the first of
     :data:`BYTES_COLUMNS` in the batch. Every input column is kept; the batch gains
     ``nsfw_neutral``, ``nsfw_low``, ``nsfw_medium``, ``nsfw_high`` (float32), ``nsfw_level``
-    (str), ``nsfw_flagged`` (bool, at ``level``/``threshold``) and ``nsfw_error`` (str or
-    None). A row that cannot be decoded never fails the job: it gets ``nsfw_error``, the
-    worst-case scores and ``nsfw_flagged=True``. Animations are checked on ``max_frames``
-    frames spread evenly (``None``: all) and are as bad as their worst.
+    (str), ``nsfw_flagged`` (bool, at ``level``/``threshold``), ``nsfw_sampled`` (bool) and
+    ``nsfw_error`` (str or None). A row that cannot be decoded never fails the job: it gets
+    ``nsfw_error``, the worst-case scores and ``nsfw_flagged=True``. Animations are as bad as
+    their worst frame; every frame is checked, a chunk at a time, unless ``max_frames`` asks
+    for an even sample: a sampled animation is flagged (``nsfw_sampled``), since its other
+    frames were never looked at.
 
     Example:
         >>> import ray  # doctest: +SKIP
@@ -85,7 +88,7 @@ class NSFWClassifier:
         dtype: torch.dtype | str | None = None,
         image_column: str | None = None,
         revision: str | None = None,
-        max_frames: int | None = 16,
+        max_frames: int | None = None,
         batch_size: int = 16,
     ):
         if isinstance(dtype, str):
@@ -110,27 +113,22 @@ class NSFWClassifier:
             except Exception as error:  # a bad row never fails the job
                 prepared.append(None)
                 errors.append(f"{type(error).__name__}: {error}".strip())
-        verdicts = iter(
+        checked = iter(
             check_prepared([p for p in prepared if p is not None], self.step, self.batch_size)
         )
-        scores, levels, flags = [], [], []
-        for image in prepared:
-            if image is None:
-                scores.append(_WORST)
-                levels.append(NSFWLevel.HIGH.value)
-                flags.append(True)
-                continue
-            verdict = next(verdicts)
-            scores.append(verdict.scores)
-            levels.append(verdict.level.value)
-            flags.append(verdict.flagged)
-        table = np.asarray(scores, dtype=np.float32).reshape(-1, 4)
+        unchecked = functools.partial(Verdict, WORST_SCORES, NSFWLevel.HIGH, True)
+        verdicts = [  # a row that could not be decoded: the worst case, flagged
+            next(checked) if image is not None else unchecked(error)
+            for image, error in zip(prepared, errors, strict=True)
+        ]
+        table = np.asarray([v.scores for v in verdicts], dtype=np.float32).reshape(-1, 4)
         out = dict(batch)
         for index, name in enumerate(OUTPUT_COLUMNS[:4]):
             out[name] = table[:, index]
-        out["nsfw_level"] = np.asarray(levels, dtype=object)
-        out["nsfw_flagged"] = np.asarray(flags, dtype=bool)
-        out["nsfw_error"] = np.asarray(errors, dtype=object)
+        out["nsfw_level"] = np.asarray([v.level.value for v in verdicts], dtype=object)
+        out["nsfw_flagged"] = np.asarray([v.flagged for v in verdicts], dtype=bool)
+        out["nsfw_sampled"] = np.asarray([p is not None and p.sampled for p in prepared], bool)
+        out["nsfw_error"] = np.asarray([v.error for v in verdicts], dtype=object)
         return out
 
     def _image_column(self, batch: Mapping[str, Any]) -> str:

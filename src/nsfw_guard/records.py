@@ -68,12 +68,14 @@ RECORD_FIELDS: tuple[str, ...] = (
     "frames_checked",
     "model",
     "member",
+    "sampled",
 )
 """One record per input, in this order. ``path`` is the input as the user gave it (for display);
 ``realpath`` (absolute, links resolved, at scan time), ``bytes`` and ``mtime`` identify the file
 version for ``--resume`` (see :func:`record_key`). ``frames`` is how many frames the file has,
-``frames_checked`` how many were checked (an animation longer than ``--max-frames`` is
-sampled). ``model`` names the checkpoint that scored it, so a resume with another model scans
+``frames_checked`` how many were checked: all of them, unless ``--max-frames`` asked for a
+sample, and then ``sampled`` is true (and ``flagged`` too: the other frames were never looked
+at). ``model`` names the checkpoint that scored it, so a resume with another model scans
 it again. ``member`` is the image inside a shard (a tar member's name, a parquet row number);
 ``None`` for an image file. New fields are appended at the end (and given
 a kind in ``_KINDS``); record files written before them lack them, and read as ``None``."""
@@ -83,7 +85,7 @@ _KINDS: dict[str, tuple[Any, str]] = {  # each field's JSON type, as said in a w
     **dict.fromkeys(("path", "realpath", "error", "model", "member"), (str, "a string")),
     **dict.fromkeys(("neutral", "low", "medium", "high", "mtime"), ((int, float), "a number")),
     **dict.fromkeys(("width", "height", "frames", "bytes", "frames_checked"), (int, "an integer")),
-    "flagged": (bool, "true or false"),
+    **dict.fromkeys(("flagged", "sampled"), (bool, "true or false")),
     "level": (str, f"one of {', '.join(_LEVELS)}"),
 }
 _REQUIRED = frozenset(("path", "flagged", "bytes", "mtime"))  # never null

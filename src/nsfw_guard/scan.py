@@ -47,11 +47,6 @@ __all__ = [
     "scan",
 ]
 
-MAX_FRAMES = 16
-"""Frames checked per animation by default: longer ones are sampled evenly, first and last
-included; ``0`` checks every frame. A clean animation with unchecked frames is never copied as
-clean."""
-
 
 @dataclass
 class ScanSummary:
@@ -243,7 +238,7 @@ def scan(
     censor_to: str | os.PathLike | CopyFolder | None = None,
     action: censor.Action = "blur",
     copy_clean: bool = False,
-    max_frames: int = MAX_FRAMES,
+    max_frames: int = 0,
     quiet: bool = False,
     state: Any = None,
     should_stop: Callable[[], bool] | None = None,
@@ -258,7 +253,9 @@ def scan(
     same, and ``censor_to`` is not supported.
 
     ``model`` names the checkpoint in the records: on ``resume``, records made by another model
-    are scanned again. ``max_frames`` frames of an animation are checked (``0``: all).
+    are scanned again. Every frame of an animation is checked, streamed in chunks; ``max_frames``
+    (``0``: all) checks only that many, spread evenly, and the record of a sample says
+    ``sampled`` and is flagged: its other frames were never looked at.
     ``should_stop`` is asked
     after each batch: when it says so, the scan stops there, with every record of the batches
     done written. ``on_records`` gets each batch's records as they are made. ``state`` is
@@ -407,28 +404,32 @@ def _reflagged(record: dict[str, Any], settings: ScanSettings) -> dict[str, Any]
     if any(score is None for score in scores):
         return record
     table = torch.tensor([scores])  # float32, as the check step decides
-    levels, flags = levels_and_flags(
-        table, torch.tensor([True]), settings.level.index, settings.threshold
-    )
+    complete = torch.tensor([not _sampled(record)])  # a sample is flagged, as check_prepared does
+    levels, flags = levels_and_flags(table, complete, settings.level.index, settings.threshold)
     return {**record, "level": NSFWLevel.parse(int(levels[0])).value, "flagged": bool(flags[0])}
 
 
-def _more_frames_wanted(record: dict[str, Any], max_frames: int | None) -> bool:
+def _sampled(record: dict[str, Any]) -> bool:
+    """Whether ``record``'s animation had frames left unchecked (records before ``sampled``
+    existed say so by their frame counts)."""
     checked, frames = record.get("frames_checked"), record.get("frames")
-    if checked is None or frames is None or checked >= frames:
+    return checked is not None and frames is not None and checked < frames
+
+
+def _more_frames_wanted(record: dict[str, Any], max_frames: int | None) -> bool:
+    if not _sampled(record):
         return False
-    return max_frames is None or max_frames > checked
+    return max_frames is None or max_frames > record["frames_checked"]
 
 
 def _wanted_copy(record: dict[str, Any], settings: ScanSettings) -> str | None:
-    """The copy ``record``'s file gets: ``"censored"``, ``"clean"`` or ``None``. A clean file
-    with unchecked frames is never copied as clean."""
+    """The copy ``record``'s file gets: ``"censored"``, ``"clean"`` or ``None``. (A sampled
+    animation is flagged, so it is never copied as clean.)"""
     if settings.copies is None or record["error"]:
         return None
     if record["flagged"]:
         return "censored"
-    complete = record.get("frames_checked") in (None, record.get("frames"))
-    return "clean" if settings.copy_clean and complete else None
+    return "clean" if settings.copy_clean else None
 
 
 def _scan_processes(
@@ -561,6 +562,9 @@ def check_items(
             records.append(_record(source, error=item["error"], flagged=True))
             continue
         verdict, image = next(verdicts), item["image"]
+        if verdict.error is not None:
+            records.append(_record(source, error=verdict.error, flagged=True))
+            continue
         records.append(
             _record(
                 source,
@@ -570,7 +574,8 @@ def check_items(
                 width=image.width,
                 height=image.height,
                 frames=image.frame_count,
-                frames_checked=image.pixels.shape[0],
+                frames_checked=image.frames_checked,
+                sampled=image.sampled,
                 model=settings.model,
             )
         )
