@@ -5,10 +5,14 @@ another host name or from another site, nothing is shown or decided."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 from starlette.testclient import TestClient
 
 from nsfw_guard.access import LOOPBACK_HOSTS
@@ -193,3 +197,108 @@ def test_without_its_key_nothing_is_shown_or_decided(one_photo):
     )
     for name in ("localhost:8001", "[::1]:8001"):
         assert stranger.get("/api/records", headers={**bearer, "Host": name}).status_code == 200
+
+
+# A kill mid-append, spreadsheets, odd indices, animations --------------------------------------
+
+
+def _decision_line(name: str, decision: str = "reject") -> bytes:
+    entry = {"path": name, "member": None, "decision": decision, "time": 1712345678.25}
+    return (json.dumps(entry) + "\n").encode()
+
+
+def test_a_last_line_cut_anywhere_keeps_every_whole_decision(tmp_path):
+    """Cut at every byte of the last line: the whole lines are kept, the cut line is kept when
+    only its line break is missing, else moved to a file of its own (never lost), and the
+    decisions go on from there."""
+    whole = _decision_line("/data/a.jpg") + _decision_line("/data/b.jpg", "approve")
+    last = _decision_line("/data/c.jpg")
+    for cut in range(1, len(last)):
+        folder = tmp_path / str(cut)
+        folder.mkdir()
+        path = folder / "r.decisions.jsonl"
+        path.write_bytes(whole + last[:cut])
+        kept_whole = cut == len(last) - 1  # only the line break is missing
+        if kept_whole:
+            decisions = Decisions(path)
+        else:
+            with pytest.warns(
+                UserWarning, match=r"last line was cut short.*2 whole line\(s\) kept"
+            ):
+                decisions = Decisions(path)
+        names = {key[0] for key in decisions.latest()}
+        assert names == (
+            {"/data/a.jpg", "/data/b.jpg"} | ({"/data/c.jpg"} if kept_whole else set())
+        )
+        aside = folder / "r.decisions.jsonl.cut-line-1"
+        if kept_whole:
+            assert path.read_bytes() == whole + last and not aside.exists()
+        else:
+            assert path.read_bytes() == whole and aside.read_bytes() == last[:cut]
+        decisions.add("/data/d.jpg", None, "approve")
+        assert len(Decisions(path).latest()) == 3 + kept_whole
+
+
+def test_cut_lines_set_aside_twice_are_both_kept(tmp_path):
+    path = tmp_path / "r.decisions.jsonl"
+    path.write_bytes(_decision_line("/a.jpg") + b'{"path": "/b.jpg", "dec')
+    with pytest.warns(UserWarning):
+        Decisions(path).add("/c.jpg", None, "approve")
+    path.write_bytes(path.read_bytes() + b'{"path": "/d')
+    with pytest.warns(UserWarning, match="cut-line-2"):
+        assert len(Decisions(path).latest()) == 2
+    assert (tmp_path / "r.decisions.jsonl.cut-line-1").read_bytes() == b'{"path": "/b.jpg", "dec'
+    assert (tmp_path / "r.decisions.jsonl.cut-line-2").read_bytes() == b'{"path": "/d'
+
+
+FORMULAS = ("=HYPERLINK(1)", "+1+1", "-2+3", "@SUM(A1)", "\tx=1", "\rx=1")
+
+
+def test_exported_cells_never_start_a_formula(tmp_path):
+    results = tmp_path / "results.jsonl"
+    with RecordFile(results) as file:
+        file.write([record(name, "low", 0.9) for name in FORMULAS])
+    client = TestClient(create_app(results))
+    for index in range(len(FORMULAS)):
+        decided = client.post("/api/decisions", json={"index": index, "decision": "reject"})
+        assert decided.status_code == 200
+    rows = list(csv.reader(io.StringIO(client.get("/decisions.csv").text, newline="")))
+    assert sorted(row[0] for row in rows[1:]) == sorted("'" + name for name in FORMULAS)
+    for row in rows[1:]:
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row)
+
+
+def test_a_decision_names_its_record_by_a_whole_number_only(many):
+    client = TestClient(create_app(many))
+    before = decisions_path(many).exists()
+    for index in (1.9, 1.0, True, False, "1", None, [1], {"i": 1}, -1, 10_000, 10**30):
+        response = client.post("/api/decisions", json={"index": index, "decision": "approve"})
+        assert response.status_code == 400, index
+    for decision in ("APPROVE", None, ["approve"], 1):
+        response = client.post("/api/decisions", json={"index": 1, "decision": decision})
+        assert response.status_code == 400, decision
+    assert decisions_path(many).exists() == before is False
+    assert client.post("/api/decisions", json={"index": 1, "decision": "approve"}).is_success
+
+
+def test_an_animations_thumbnail_shows_every_frame(tmp_path):
+    """A flagged frame anywhere in an animation is in its thumbnail, long enough to be seen."""
+    frames = []
+    for i in range(40):  # a bar that moves, so that no two frames are alike; frame 25 white
+        frame = Image.new("RGB", (96, 64), (255, 255, 255) if i == 25 else (20, 0, 0))
+        frame.paste((0, 0, 255), (2 * i, 0, 2 * i + 8, 64))
+        frames.append(frame)
+    path = tmp_path / "late.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=20)
+    results = tmp_path / "results.jsonl"
+    with RecordFile(results) as file:
+        file.write([record(str(path), "high", 0.9, frames=40, frames_checked=40, sampled=False)])
+    thumbnail = TestClient(create_app(results)).get("/thumbnail/0")
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/webp"
+    with Image.open(io.BytesIO(thumbnail.content)) as shown:
+        assert shown.n_frames == 40
+        for index in range(40):
+            shown.seek(index)
+            pixels = np.asarray(shown.convert("RGB"), dtype=float)
+            assert np.abs(pixels - np.asarray(frames[index])).mean() < 12, index
+            assert shown.info["duration"] == 200

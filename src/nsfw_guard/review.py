@@ -25,9 +25,11 @@ import asyncio
 import csv
 import functools
 import io
+import itertools
 import json
 import os
 import time
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from importlib import resources
@@ -43,7 +45,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .access import bearer_matches, same_key, wrong_host
-from .decode import decode_image
+from .decode import decode_frames
+from .inputs import ImageBatch
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .records import read_records
 from .sources import ScanInput, find_images, read_input
@@ -59,6 +62,8 @@ __all__ = [
 
 DECISIONS = ("approve", "reject")
 THUMBNAIL_SIZE = 256
+FRAME_MS = 200
+"""How long an animation's thumbnail shows each of its frames."""
 _SORTS = ("score", "path")
 
 
@@ -89,22 +94,51 @@ class Decisions:
         self._latest: dict[tuple[str, str | None], dict[str, Any]] = {}
         if path.is_symlink():  # appends never go through a link (O_NOFOLLOW): say so now
             raise ValueError(f"{path} is a link; nsfw-guard does not write through it")
-        if path.exists():
-            if not path.is_file():
-                raise ValueError(f"{path} is not a regular file")
-            for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    key = (entry["path"], entry.get("member"))
-                    if entry["decision"] not in DECISIONS:
-                        raise ValueError
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(
-                        f"{path}, line {number}: not a decision; is this file nsfw-guard's?"
-                    ) from None
-                self._latest[key] = entry
+        if not path.exists():
+            return
+        if not path.is_file():
+            raise ValueError(f"{path} is not a regular file")
+        data = path.read_bytes()
+        *lines, tail = data.split(b"\n")  # tail: what follows the last line break
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            entry = _decision(line)
+            if entry is None:
+                raise ValueError(
+                    f"{path}, line {number}: not a decision; is this file nsfw-guard's?"
+                )
+            self._latest[(entry["path"], entry.get("member"))] = entry
+        if tail.strip():
+            self._end_cut_line(tail, len(data) - len(tail), len(lines))
+
+    def _end_cut_line(self, tail: bytes, end: int, whole: int) -> None:
+        """A last line without its line break (a kill while it was appended): kept when it is a
+        whole decision (its line break added), else copied to a file of its own beside this one
+        (never deleted) and cut off here, so that appends go on from the last whole line."""
+        entry = _decision(tail)
+        if entry is not None:
+            self._latest[(entry["path"], entry.get("member"))] = entry
+            self._append(b"\n")
+            return
+        for number in itertools.count(1):
+            aside = self.path.with_name(f"{self.path.name}.cut-line-{number}")
+            try:
+                descriptor = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+            except FileExistsError:
+                continue
+            break
+        try:
+            os.write(descriptor, tail)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.truncate(self.path, end)  # only once the cut line is safe elsewhere
+        warnings.warn(
+            f"{self.path}: its last line was cut short (the review stopped while writing it); "
+            f"{whole} whole line(s) kept, the cut line moved to {aside}",
+            stacklevel=3,
+        )
 
     def latest(self) -> dict[tuple[str, str | None], dict[str, Any]]:
         return dict(self._latest)
@@ -116,16 +150,30 @@ class Decisions:
         if decision not in DECISIONS:
             raise ValueError(f"decision {decision!r}: expected one of {', '.join(DECISIONS)}")
         entry = {"path": path, "member": member, "decision": decision, "time": time.time()}
-        line = (json.dumps(entry, ensure_ascii=True) + "\n").encode()
+        self._append((json.dumps(entry, ensure_ascii=True) + "\n").encode())
+        self._latest[(path, member)] = entry
+        return entry
+
+    def _append(self, data: bytes) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         descriptor = os.open(self.path, flags, 0o644)
         try:
-            os.write(descriptor, line)
+            os.write(descriptor, data)
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        self._latest[(path, member)] = entry
-        return entry
+
+
+def _decision(line: bytes) -> dict[str, Any] | None:
+    """The decision on one line of a decisions file, or ``None`` if it holds none."""
+    try:
+        entry = json.loads(line)
+        if entry["decision"] in DECISIONS and isinstance(entry["path"], str):
+            hash(entry.get("member"))
+            return entry
+    except (ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 @dataclass
@@ -157,7 +205,7 @@ class ReviewApp:
             )
         )
         self.page = resources.files("nsfw_guard").joinpath("web/review.html").read_bytes()
-        self._thumbnails: OrderedDict[int, bytes] = OrderedDict()
+        self._thumbnails: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = asyncio.Lock()
         self.routes = [
@@ -206,8 +254,10 @@ class ReviewApp:
             return _error(415, 'send the decision as application/json: {"index", "decision"}')
         try:
             body = await request.json()
-            index, decision = int(body["index"]), body["decision"]
+            index, decision = body["index"], body["decision"]
         except (ValueError, KeyError, TypeError):
+            index = decision = None
+        if type(index) is not int or not isinstance(decision, str):  # not 1.9, "1" or true
             return _error(400, 'send {"index": N, "decision": "approve" or "reject"}')
         if not 0 <= index < len(self.items) or decision not in DECISIONS:
             return _error(400, f"no record {index}, or a decision other than approve/reject")
@@ -224,7 +274,7 @@ class ReviewApp:
         for key, entry in self.decisions.latest().items():
             record = records.get(key, {})
             row = [*key, entry["decision"], entry["time"], record.get("level")]
-            writer.writerow([*row, record.get("flagged")])
+            writer.writerow([_inert(cell) for cell in (*row, record.get("flagged"))])
         name = f"{self.results.stem}.decisions.csv"
         return Response(
             buffer.getvalue(),
@@ -236,19 +286,22 @@ class ReviewApp:
         index = request.path_params["index"]
         if not 0 <= index < len(self.items):
             return _error(404, f"no record {index}")
-        data = self._thumbnails.get(index)
-        if data is None:
+        thumbnail = self._thumbnails.get(index)
+        if thumbnail is None:
             try:
-                data = await asyncio.to_thread(self._make_thumbnail, self.items[index].record)
+                thumbnail = await asyncio.to_thread(self._make_thumbnail, self.items[index].record)
             except Exception as error:  # gone, changed, unreadable: say so, in the grid
                 return _error(404, f"{type(error).__name__}: {error}")
-            self._thumbnails[index] = data
+            self._thumbnails[index] = thumbnail
             if len(self._thumbnails) > self._cache_size:
                 self._thumbnails.popitem(last=False)
         self._thumbnails.move_to_end(index)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        data, media_type = thumbnail
+        return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
-    def _make_thumbnail(self, record: dict[str, Any]) -> bytes:
+    def _make_thumbnail(self, record: dict[str, Any]) -> tuple[bytes, str]:
+        """The record's image as a JPEG thumbnail, or an animation's every frame as an animated
+        WebP (``FRAME_MS`` a frame): ``(bytes, media type)``."""
         path = record.get("realpath") or record["path"]
         info = os.stat(path)
         if (info.st_size, info.st_mtime) != (record["bytes"], record["mtime"]):
@@ -257,15 +310,42 @@ class ReviewApp:
         if source is None:
             raise FileNotFoundError(f"{path}: no {record.get('member') or 'image'} there now")
         data = read_input(source)  # a shard's member: checked again to be this version
-        decoded = decode_image(data, max_frames=1, target_size=THUMBNAIL_SIZE)
-        frame = decoded.frames[0]
-        unit = composite_alpha(to_unit_range(frame.pixels, frame.value_range), WHITE)
-        array = (unit[0].expand(3, -1, -1).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
-        image = Image.fromarray(array.numpy())
-        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        frames = [_thumbnail(frame) for frame in decode_frames(data, None, THUMBNAIL_SIZE)]
+        size = (max(f.width for f in frames), max(f.height for f in frames))
+        frames = [_on_canvas(frame, size) for frame in frames]  # an icon's sizes differ
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        return buffer.getvalue()
+        if len(frames) == 1:
+            frames[0].save(buffer, format="JPEG", quality=85)
+            return buffer.getvalue(), "image/jpeg"
+        # Every frame, each long enough to be seen: a frame nobody can see is not reviewed.
+        frames[0].save(
+            buffer,
+            format="WEBP",
+            save_all=True,
+            append_images=frames[1:],
+            duration=FRAME_MS,
+            loop=0,
+            quality=80,
+        )
+        return buffer.getvalue(), "image/webp"
+
+
+def _thumbnail(frame: ImageBatch) -> Image.Image:
+    """A decoded frame as the RGB thumbnail people see (alpha over white, as the model sees it)."""
+    unit = composite_alpha(to_unit_range(frame.pixels, frame.value_range), WHITE)
+    array = (unit[0].expand(3, -1, -1).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+    image = Image.fromarray(array.numpy())
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    return image
+
+
+def _on_canvas(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` centred on a white canvas of ``size`` (the image itself when it fits)."""
+    if image.size == size:
+        return image
+    canvas = Image.new("RGB", size, "white")
+    canvas.paste(image, ((size[0] - image.width) // 2, (size[1] - image.height) // 2))
+    return canvas
 
 
 @functools.lru_cache(maxsize=64)
@@ -273,6 +353,19 @@ def _shard_members(path: str, size: int, mtime: float) -> dict[str | None, ScanI
     """The inputs in the file at ``path`` (one, or a shard's members), by member name; listed
     once per version of the file."""
     return {item.member and item.member.name: item for item in find_images([path])}
+
+
+def _inert(cell: Any) -> Any:
+    """A CSV cell no spreadsheet runs as a formula: text beginning with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return gets a leading ``'`` (OWASP's advice on CSV injection).
+
+    Example:
+        >>> _inert("=HYPERLINK(1)"), _inert("photos/a.jpg"), _inert(0.5)
+        ("'=HYPERLINK(1)", 'photos/a.jpg', 0.5)
+    """
+    if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + cell
+    return cell
 
 
 def _matches(item: _Item, level: str | None, latest: dict) -> bool:
