@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from nsfw_guard import NSFWDetector
 
@@ -32,6 +32,7 @@ from .processes import descendants, wait_gone
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SCORES = ("neutral", "low", "medium", "high")
+REQUEST_TIMEOUT = 2.0  # the module's server's --request-timeout
 
 
 def free_port() -> int:
@@ -79,11 +80,34 @@ def stop_server(process: subprocess.Popen) -> None:
     assert wait_gone(children, 30), "a server process outlived it"
 
 
+# ``nsfw-guard serve`` with LitServe's worker monitor polling every 10 ms instead of every 2 s.
+_FAST_MONITOR = """
+import sys
+import litserve
+
+init = litserve.LitServer.__init__
+
+def fast_monitor_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.monitor_internal = 0.01
+
+litserve.LitServer.__init__ = fast_monitor_init
+from nsfw_guard.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.fixture(scope="module")
 def server(sharp_checkpoint) -> Iterator[str]:
-    options = ["--api-key", KEY, "--max-batch-size", "8", "--batch-timeout-ms", "100"]
+    """The server most tests share. Its worker monitor polls every 10 ms: LitServe's monitor
+    polls its manager, and a stop that shut the manager down under it logged a traceback (CI
+    saw it once with the 2 s poll; a 10 ms poll hits it on every stop), so the clean SIGTERM
+    stop at the end proves the stop is right however the monitor is timed."""
+    options = ["--api-key", KEY, "--max-batch-size", "32", "--batch-timeout-ms", "100"]
     options += ["--max-bytes", "3000000", "--max-images", "8", "--allowed-hosts", "proxied.example"]
-    process, url = start_server(sharp_checkpoint, *options)
+    options += ["--request-timeout", str(REQUEST_TIMEOUT)]
+    process, url = start_server(sharp_checkpoint, *options, python=("-c", _FAST_MONITOR))
     yield url
     stop_server(process)
 
@@ -174,11 +198,51 @@ def test_censor_returns_the_censored_image_or_the_original(server):
     )
 
 
+def _animation(frames: list[Image.Image]) -> bytes:
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=40)
+    return buffer.getvalue()
+
+
+def test_every_frame_of_an_animation_is_checked_and_censored(server, detector):
+    """A 40-frame GIF whose frame 25 alone is flagged (past the first chunk, and between the
+    frames an even sample of 16 takes): moderated as its worst frame, censored whole."""
+    photos = [Image.open(path).convert("RGB").resize((96, 64)) for path in PHOTO_PATHS]
+    medium = detector.scores(photos)[:, 2]
+    clean, bad = photos[int(medium.argmin())], photos[int(medium.argmax())]
+    frames = [(bad if i == 25 else clean).copy() for i in range(40)]
+    for i, frame in enumerate(frames):  # a dot that moves: no two frames alike (GIF merges them)
+        frame.paste((255, 0, 0), (2 * i, 0, 2 * i + 2, 2))
+    gif = _animation(frames)
+    with Image.open(io.BytesIO(gif)) as animation:
+        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(animation)]
+    scores = detector.scores(frames)
+    others = torch.cat([scores[:25], scores[26:]])
+    threshold = float(others[:, 2].max() + scores[25, 2]) / 2  # frame 25 alone reaches it
+    params = {"level": "medium", "threshold": threshold}
+    body = {"content": gif, "headers": {"content-type": "image/gif"}, "params": params}
+    [result] = post(server, "/v1/moderate", **body).json()["results"]
+    assert (result["frames"], result["frames_checked"], result["flagged"]) == (40, 40, True)
+    assert result["scores"]["medium"] == pytest.approx(float(scores[25, 2]), abs=2e-3)
+    censored = post(
+        server,
+        "/v1/censor",
+        **body,
+    )
+    assert censored.status_code == 200 and censored.headers["x-nsfw-flagged"] == "true"
+    assert censored.headers["content-type"] == "image/gif" and censored.content != gif
+    with Image.open(io.BytesIO(censored.content)) as animation:
+        assert animation.n_frames == 40
+
+
 def bad_requests() -> list[tuple[str, dict, int, str]]:
     photo = PHOTO_PATHS[0].read_bytes()
     bomb = io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")  # 100 MP in a few kB
     jpeg = {"content-type": "image/jpeg"}
+    form = {"content-type": "multipart/form-data; boundary=x"}
+    file_part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    one_file = {"image": ("a.jpg", photo, "image/jpeg")}
     return [
         ("/v1/moderate", {"content": b"not an image", "headers": jpeg}, 422, "not an image"),
         ("/v1/moderate", {"content": photo[: len(photo) // 3], "headers": jpeg}, 422, "decoded"),
@@ -207,6 +271,12 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("/v1/moderate?threshold=2", {"content": photo, "headers": jpeg}, 400, "threshold"),
         ("/v1/moderate?threshold=nan", {"content": photo, "headers": jpeg}, 400, "threshold"),
         ("/v1/censor?action=melt", {"content": photo, "headers": jpeg}, 400, "action"),
+        (  # a huge field is not echoed back whole
+            "/v1/moderate",
+            {"files": one_file, "data": {"level": "x" * 1_000_000}},
+            400,
+            "level 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (1000002 characters): expected",
+        ),
         (
             "/v1/censor",
             {"json": {"images": [base64.b64encode(photo).decode()] * 2}},
@@ -216,12 +286,58 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("/v1/moderate", {"files": {"image": ("x.jpg", b"", "image/jpeg")}}, 400, "empty"),
         (
             "/v1/moderate",
+            {"content": b"--x\r\nbroken", "headers": form},
+            400,
+            "ends before its closing boundary (--x--)",
+        ),
+        # Multipart bodies: each a 4xx of its own, not a 500 or a dropped connection.
+        ("/v1/moderate", {"files": [("image", one_file["image"])] * 10}, 413, "more than 8 images"),
+        (
+            "/v1/moderate",
+            {"files": one_file, "data": {"level": ["high"] * 51}},
+            400,
+            "more than 50 form fields",
+        ),
+        (
+            "/v1/moderate",
+            {"content": file_part + photo, "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "without a boundary",
+        ),
+        (
+            "/v1/moderate",
+            {"content": file_part + photo, "headers": form},
+            400,
+            "ends before its closing boundary (--x--)",
+        ),
+        (
+            "/v1/moderate",
             {
-                "content": b"--x\r\nbroken",
-                "headers": {"content-type": "multipart/form-data; boundary=x"},
+                "content": b"--x\r\nContent-Disposition: form-data\r\n\r\nx\r\n--x--\r\n",
+                "headers": form,
             },
             400,
-            "no images",
+            "without a name",
+        ),
+        ("/v1/moderate", {"content": b"not multipart", "headers": form}, 400, "cannot be read"),
+        # Unknown form fields and query parameters, as unknown JSON fields.
+        (
+            "/v1/censor",
+            {"files": one_file, "data": {"levl": "high"}},
+            400,
+            "unknown field(s): levl; accepted: level, threshold, action",
+        ),
+        (
+            "/v1/moderate?levl=high",
+            {"content": photo, "headers": jpeg},
+            400,
+            "unknown field(s): levl",
+        ),
+        (
+            "/v1/moderate?levl=high",
+            {"json": {"images": [base64.b64encode(photo).decode()]}},
+            400,
+            "unknown field(s): levl",
         ),
     ]
 
@@ -255,6 +371,145 @@ def test_a_bad_image_in_a_batch_fails_only_its_own_request(server):
     assert [r.status_code for r in responses] == [200, 422, 200, 200]
 
 
+def test_an_image_that_cannot_be_censored_in_its_format_fails_no_request_batched_with_it(
+    server, expected
+):
+    """Pillow reads XBM but writes only 1-bit images in it: the censored image comes back as
+    PNG, and the 31 requests batched with it get their own answers."""
+    photos = PHOTO_PATHS
+    xbm = io.BytesIO()
+    Image.new("1", (64, 48), 1).save(xbm, format="XBM")
+    poisoned = 16
+    before = httpx.get(server + "/metrics", headers=AUTH).text
+    calls = []
+    for i in range(32):
+        photo = photos[i % len(photos)].read_bytes()
+        if i == poisoned:  # flagged at threshold 0: censored, as PNG
+            route, body = "/v1/censor?threshold=0", xbm.getvalue()
+        elif i % 2:  # flagged nowhere: the image as it came
+            route, body = "/v1/censor?threshold=1", photo
+        else:
+            route, body = "/v1/moderate", photo
+        calls.append((route, body, "application/octet-stream"))
+    responses = post_concurrently(server, calls)
+    assert [r.status_code for r in responses] == [200] * 32, [r.text[:200] for r in responses]
+    censored = responses[poisoned]
+    assert censored.headers["content-type"] == "image/png"
+    assert censored.headers["x-nsfw-flagged"] == "true"
+    with Image.open(io.BytesIO(censored.content)) as image:
+        assert image.format == "PNG" and image.size == (64, 48)
+    for i, response in enumerate(responses):
+        photo = photos[i % len(photos)]
+        if i == poisoned:
+            continue
+        if i % 2:
+            assert response.content == photo.read_bytes()
+        else:
+            scores = scores_of(response.json()["results"][0])
+            assert scores == pytest.approx(expected[photo.name], abs=1e-4)
+    after = httpx.get(server + "/metrics", headers=AUTH).text
+    batches = metric(after, "nsfw_guard_batch_requests_count") - metric(
+        before, "nsfw_guard_batch_requests_count"
+    )
+    assert batches < 32  # some batch held several
+
+
+def test_a_request_that_fails_its_check_fails_alone(sharp_checkpoint, monkeypatch):
+    """Should the batched check fail, each request is checked alone: only the one that fails
+    alone gets a 422, with what went wrong."""
+    from nsfw_guard.serve import ModerationAPI, ServeSettings
+
+    worker = ModerationAPI(ServeSettings(model=str(sharp_checkpoint), dtype="float32"))
+    worker.setup("cpu")
+    verdicts = worker._verdicts
+
+    def fail_on_narrow_images(images, levels, thresholds):
+        if any(image.width == 7 for image in images):
+            raise RuntimeError("the check broke on a 7 px wide image")
+        return verdicts(images, levels, thresholds)
+
+    monkeypatch.setattr(worker, "_verdicts", fail_on_narrow_images)
+    narrow = io.BytesIO()
+    Image.new("RGB", (7, 30)).save(narrow, format="PNG")
+    photo = PHOTO_PATHS[0].read_bytes()
+    jobs = []
+    for data in (photo, narrow.getvalue(), photo):
+        request = {"kind": "moderate", "level": "medium", "threshold": 0.5, "action": "blur"}
+        jobs.append(worker.decode_request({**request, "images": [base64.b64encode(data).decode()]}))
+    responses = [worker.encode_response(job) for job in worker.unbatch(worker.predict(jobs))]
+    assert [response.status_code for response in responses] == [200, 503, 200]
+    error = json.loads(responses[1].body)["error"]
+    assert error["message"] == (
+        "the images could not be checked: RuntimeError: the check broke on a 7 px wide image"
+    )
+
+
+def test_an_animation_damaged_past_its_first_frames_fails_alone(sharp_checkpoint):
+    """Its first chunk of frames decodes; a later frame does not: a 422 for that request,
+    found while the batch is checked, and the requests batched with it answered."""
+    from nsfw_guard.serve import ModerationAPI, ServeSettings
+
+    worker = ModerationAPI(ServeSettings(model=str(sharp_checkpoint), dtype="float32"))
+    worker.setup("cpu")
+    frames = [Image.new("RGB", (64, 48), (i * 6, 0, 255 - i * 6)) for i in range(40)]
+    gif = _animation(frames)
+    cut = gif[: len(gif) * 3 // 4]  # frames 0-29 or so whole, the rest cut
+    jobs = []
+    for data in (PHOTO_PATHS[0].read_bytes(), cut, gif):
+        request = {"kind": "moderate", "level": "medium", "threshold": 0.5, "action": "blur"}
+        jobs.append(worker.decode_request({**request, "images": [base64.b64encode(data).decode()]}))
+    responses = [worker.encode_response(job) for job in worker.unbatch(worker.predict(jobs))]
+    assert [response.status_code for response in responses] == [200, 422, 200]
+    message = json.loads(responses[1].body)["error"]["message"]
+    assert message.startswith("images[0] could not be decoded: ")
+    assert json.loads(responses[2].body)["results"][0]["frames_checked"] == 40
+
+
+def test_a_stalled_body_gets_408_and_holds_up_no_other_request(server):
+    """A client that sends part of its body and stalls is answered 408 after --request-timeout;
+    requests meanwhile and after are answered as usual."""
+    photo = PHOTO_PATHS[0].read_bytes()
+    port = int(server.rsplit(":", 1)[1])
+    head = (
+        f"POST /v1/moderate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: image/jpeg\r\nContent-Length: {len(photo)}\r\n\r\n"
+    )
+    jpeg = {"content-type": "image/jpeg"}
+    with socket.create_connection(("127.0.0.1", port)) as stalled:
+        stalled.settimeout(REQUEST_TIMEOUT + 30)
+        started = time.monotonic()
+        stalled.sendall(head.encode() + photo[:1000])  # and nothing more
+        assert post(server, "/v1/moderate", content=photo, headers=jpeg).status_code == 200
+        answer = b""
+        while chunk := stalled.recv(65536):  # the server closes the connection
+            answer += chunk
+        waited = time.monotonic() - started
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", answer[:300]
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["status"] == 408
+    assert f"did not arrive within {REQUEST_TIMEOUT:g} s (1000 bytes came)" in error["message"]
+    assert REQUEST_TIMEOUT <= waited < REQUEST_TIMEOUT + 5, waited
+    assert post(server, "/v1/moderate", content=photo, headers=jpeg).status_code == 200
+
+
+def post_concurrently(server: str, requests: list[tuple[str, bytes, str]]) -> list[httpx.Response]:
+    """Each ``(route, body, content type)`` posted at once, on a connection of its own."""
+
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=len(requests))
+        async with httpx.AsyncClient(
+            base_url=server, headers=AUTH, timeout=120, limits=limits
+        ) as client:
+            calls = [
+                client.post(route, content=body, headers={"content-type": media_type})
+                for route, body, media_type in requests
+            ]
+            return await asyncio.gather(*calls)
+
+    return asyncio.run(run())
+
+
 def metric(text: str, name: str) -> float:
     values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
     return sum(values)
@@ -263,23 +518,10 @@ def metric(text: str, name: str) -> float:
 def test_64_concurrent_requests_are_answered_and_batched(server, expected):
     photos = PHOTO_PATHS
     before = httpx.get(server + "/metrics", headers=AUTH).text
-
-    async def run() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(
-            base_url=server, headers=AUTH, timeout=120, limits=limits
-        ) as client:
-            calls = [
-                client.post(
-                    "/v1/moderate",
-                    content=photos[i % len(photos)].read_bytes(),
-                    headers={"content-type": "image/jpeg"},
-                )
-                for i in range(64)
-            ]
-            return await asyncio.gather(*calls)
-
-    responses = asyncio.run(run())
+    calls = [
+        ("/v1/moderate", photos[i % len(photos)].read_bytes(), "image/jpeg") for i in range(64)
+    ]
+    responses = post_concurrently(server, calls)
     assert all(r.status_code == 200 for r in responses)
     for i, response in enumerate(responses):
         scores = scores_of(response.json()["results"][0])
@@ -481,37 +723,12 @@ def test_the_worker_takes_one_request_at_a_time_without_batching(sharp_checkpoin
     assert scores_of(result) == pytest.approx(expected[photo.name], abs=1e-4)
 
 
-# ``nsfw-guard serve`` with LitServe's worker monitor polling every 10 ms instead of every 2 s.
-_FAST_MONITOR = """
-import sys
-import litserve
-
-init = litserve.LitServer.__init__
-
-def fast_monitor_init(self, *args, **kwargs):
-    init(self, *args, **kwargs)
-    self.monitor_internal = 0.01
-
-litserve.LitServer.__init__ = fast_monitor_init
-from nsfw_guard.cli import main
-
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_serve_stops_cleanly_however_its_worker_monitor_is_timed(sharp_checkpoint):
-    """LitServe's monitor polls its manager; a stop that shut the manager down under it logged a
-    traceback (CI saw it once with the 2 s poll; a 10 ms poll hits it on every stop)."""
-    process, _ = start_server(sharp_checkpoint, python=("-c", _FAST_MONITOR))
-    stop_server(process)
-
-
 def test_serve_stops_with_one_clear_line_when_its_model_worker_dies(sharp_checkpoint):
     """A model worker killed (the OOM killer, a driver crash): the server goes down, exit 4 with
     what happened, no traceback, no process left."""
     from nsfw_guard.cli import EXIT_ERROR
 
-    process, _ = start_server(sharp_checkpoint)
+    process, _ = start_server(sharp_checkpoint, python=("-c", _FAST_MONITOR))  # finds it sooner
     children = descendants(process.pid)
     # LitServe spawns its model worker; the manager and the HTTP server are forked.
     worker = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
@@ -532,6 +749,8 @@ def test_serve_says_what_is_wrong_before_starting(capsys):
         (["--port", "80"], "--port 80: expected 1024 to 65535"),
         (["--threshold", "1.5"], "--threshold 1.5: expected a number in [0, 1]"),
         (["--max-batch-size", "0"], "--max-batch-size 0: expected 1 or more"),
+        (["--request-timeout", "0"], "--request-timeout 0.0: expected a number of seconds above 0"),
+        (["--request-timeout", "nan"], "--request-timeout nan: expected a number of seconds"),
         (["--host", "example.com"], "invalid choice: 'example.com'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

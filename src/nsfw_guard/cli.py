@@ -10,6 +10,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -236,10 +237,21 @@ def _parser() -> argparse.ArgumentParser:
         help="largest request body in bytes (default: 20 MiB)",
     )
     serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds a request's body may take to arrive; a slower one gets 408 (default: 5)",
+    )
+    serve.add_argument(
         "--max-images", type=int, default=32, help="images per request (default: 32)"
     )
     serve.add_argument(
-        "--max-frames", type=int, default=16, help="frames checked per animation (0: all)"
+        "--max-frames",
+        type=int,
+        default=0,
+        help="0: check every frame of an animation (default); N: only N, spread evenly, and "
+        "such an animation is flagged (sampled)",
     )
     serve.add_argument(
         "--api-key",
@@ -319,6 +331,9 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error("--batch-timeout-ms and --max-frames: expected 0 or more")
     if not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold {args.threshold}: expected a number in [0, 1]")
+    if not 0.0 < args.request_timeout < math.inf:
+        timeout = args.request_timeout
+        parser.error(f"--request-timeout {timeout}: expected a number of seconds above 0")
     if not 1024 <= args.port <= 65535:
         parser.error(f"--port {args.port}: expected 1024 to 65535")
     from .model import resolve_folder
@@ -343,6 +358,7 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             max_batch_size=args.max_batch_size,
             batch_timeout_ms=args.batch_timeout_ms,
             max_bytes=args.max_bytes,
+            request_timeout=args.request_timeout,
             max_images=args.max_images,
             max_frames=args.max_frames,
             api_key=args.api_key or None,

@@ -11,7 +11,8 @@ can leave a hidden ``.nsfw-guard-*.tmp`` file, never read).
 
 Copies are made from the bytes that were decoded and checked (never by reading the file again):
 clean ones byte for byte, flagged ones censored frame by frame with the check step's action, in
-the same format where Pillow can write it, with the verdict in their metadata.
+the same format where Pillow can write it in color (else PNG, under the same name), with the
+verdict in their metadata.
 """
 
 from __future__ import annotations
@@ -221,8 +222,8 @@ class CopyFolder:
 def save_censored(data: bytes, path: Path | BinaryIO, step: CheckStep, verdict: str) -> str:
     """Censor every frame of the image in ``data`` with ``step``'s action and save it to
     ``path`` (a file name or a binary file), one frame in memory as floats at a time, in the
-    image's own format where Pillow can write it (else PNG), with ``verdict`` in its metadata.
-    Returns the format written."""
+    image's own format where Pillow can write RGB in it (else PNG: an XBM, MSP or BLP image, a
+    format Pillow only reads), with ``verdict`` in its metadata. Returns the format written."""
     frames = []
     for frame in iter_frames(data):
         batch = to_image_batches(frame)[0]
@@ -237,6 +238,20 @@ def save_censored(data: bytes, path: Path | BinaryIO, step: CheckStep, verdict: 
     with Image.open(io.BytesIO(data)) as original:
         fmt, duration = original.format, original.info.get("duration", 100)
     fmt = "JPEG" if fmt == "MPO" else fmt if fmt in Image.SAVE else "PNG"
+    try:
+        encoded = _encode(frames, fmt, verdict, duration)
+    except (OSError, ValueError):  # Pillow cannot write RGB in this format (XBM: 1-bit only)
+        fmt = "PNG"
+        encoded = _encode(frames, fmt, verdict, duration)
+    if isinstance(path, (str, os.PathLike)):
+        Path(path).write_bytes(encoded)
+    else:
+        path.write(encoded)
+    return fmt
+
+
+def _encode(frames: list[Image.Image], fmt: str, verdict: str, duration: float) -> bytes:
+    """``frames`` (RGB) as a file in ``fmt``, with ``verdict`` in its metadata."""
     options: dict[str, Any] = {"format": fmt}
     if fmt == "PNG":
         options["pnginfo"] = PngInfo()
@@ -249,11 +264,12 @@ def save_censored(data: bytes, path: Path | BinaryIO, step: CheckStep, verdict: 
         options["exif"] = exif
     if fmt in ("JPEG", "WEBP"):
         options["quality"] = 95
+    first, rest = frames[0], frames[1:]
     if fmt in ("ICO", "ICNS"):  # every size, each picture censored
         options["sizes"] = [frame.size for frame in frames]
-        options["append_images"] = frames[:-1]
-        frames = frames[-1:]
-    elif len(frames) > 1 and fmt in ("GIF", "PNG", "WEBP", "TIFF"):
-        options.update(save_all=True, append_images=frames[1:], loop=0, duration=duration)
-    frames[0].save(path, **options)
-    return fmt
+        first, options["append_images"] = frames[-1], frames[:-1]
+    elif rest and fmt in ("GIF", "PNG", "WEBP", "TIFF"):
+        options.update(save_all=True, append_images=rest, loop=0, duration=duration)
+    buffer = io.BytesIO()
+    first.save(buffer, **options)
+    return buffer.getvalue()

@@ -5,18 +5,23 @@ Built on LitServe: its inference worker loads the model once and batches the req
 arrive within ``batch_timeout`` (up to ``max_batch_size``) into one in-graph check, whatever
 route, level or threshold each asked for. In front of it, :class:`RequestGate` (an ASGI
 middleware in the API server process) answers everything a request can get wrong with a 4xx
-and a JSON error before it reaches the worker: the API key, the body's size, its content type,
-its JSON, base64, the number of images, level, threshold and action, and images that are not
-images or are over Pillow's pixel limit. It also serves the page at ``/``, ``/healthz`` and
-``/metrics`` (Prometheus, every process's metrics: LitServe's worker is a process of its own).
+and a JSON error before it reaches the worker: the API key, the body's size and the time it
+takes to arrive, its content type, its JSON, multipart form or base64, the number of images,
+level, threshold and action, and images that are not images or are over Pillow's pixel limit.
+It also serves the page at ``/``, ``/healthz`` and ``/metrics`` (Prometheus, every process's
+metrics: LitServe's worker is a process of its own). In the worker, whatever fails for one
+request is that request's own error (422; 503 if the model fails on it alone), never its
+batch's. Every frame of an animation is checked.
 
 Routes:
 
 - ``POST /v1/moderate``: images as multipart files, JSON ``{"images": [base64, ...], "level",
   "threshold"}`` or one raw image body (``level``/``threshold`` as query parameters) →
-  ``{"model", "results": [{"level", "scores", "flagged", "error"}]}`` in request order.
-- ``POST /v1/censor``: one image → the image, censored if flagged (same format), the verdict in
-  ``X-NSFW-*`` headers; ``action``, ``level``, ``threshold`` as parameters.
+  ``{"model", "results": [{"level", "scores", "flagged", "frames", "frames_checked", "error"}]}``
+  in request order.
+- ``POST /v1/censor``: one image → the image, censored if flagged (same format, or PNG where
+  Pillow cannot write it), the verdict in ``X-NSFW-*`` headers; ``action``, ``level``,
+  ``threshold`` as parameters.
 - ``GET /healthz`` (never needs the key), ``GET /metrics``, ``GET /`` (the page).
 """
 
@@ -29,6 +34,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import math
 import os
 import threading
@@ -42,8 +48,9 @@ from typing import Any
 import litserve as ls
 import torch
 from PIL import Image, UnidentifiedImageError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -60,6 +67,9 @@ ACTIONS = ("blur", "pixelate", "blank")
 _WORKER_PATH = "/internal/check"  # LitServe's route; only the gate sends requests there
 _ROUTES = {"/v1/moderate": "moderate", "/v1/censor": "censor"}
 _SCORES = ("neutral", "low", "medium", "high")
+_LOG = logging.getLogger(__name__)
+_PARAMETERS = ("level", "threshold", "action")  # JSON fields, form fields or query parameters
+_MAX_FORM_FIELDS = 50
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -79,8 +89,11 @@ class ServeSettings:
     max_batch_size: int = 16
     batch_timeout_ms: float = 10.0
     max_bytes: int = 20 * 2**20
+    request_timeout: float = 5.0
+    """Seconds a request's whole body may take to arrive (408 after)."""
     max_images: int = 32
-    max_frames: int = 16
+    max_frames: int = 0
+    """0: every frame of an animation; N: an even sample of N (flagged, as unchecked)."""
     api_key: str | None = None
     model_name: str = DEFAULT_MODEL
     hosts: frozenset[str] | None = None
@@ -218,7 +231,9 @@ class RequestGate:
         try:
             job = await self._parse(scope, receive, _ROUTES[path])
         except BadRequest as error:
-            return _error(error.status, error.message)
+            # A body that did not arrive leaves the connection unusable: it is closed.
+            headers = {"Connection": "close"} if error.status == 408 else None
+            return _error(error.status, error.message, headers)
         body = json.dumps(job).encode()
         authorization = [(k, v) for k, v in scope["headers"] if k == b"authorization"]
         scope.update(path=_WORKER_PATH, raw_path=_WORKER_PATH.encode(), query_string=b"")
@@ -246,12 +261,15 @@ class RequestGate:
     async def _parse(self, scope: Scope, receive: Receive, kind: str) -> dict[str, Any]:
         """The request as ``{"kind", "images": [base64], "level", "threshold", "action"}``."""
         settings = self.settings
-        body = await _read_body(scope, receive, settings.max_bytes)
+        body = await _read_body(scope, receive, settings.max_bytes, settings.request_timeout)
         request = Request(scope)
         params: dict[str, Any] = dict(request.query_params)
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
         if media_type == "multipart/form-data":
-            images, fields = await _multipart(scope, body, settings.max_images)
+            images, fields = await asyncio.to_thread(
+                _multipart, content_type, body, settings.max_images
+            )
             params.update(fields)
         elif media_type == "application/json":
             images, fields = _json_images(body, kind)
@@ -265,6 +283,12 @@ class RequestGate:
                 f"content type {shown}: send multipart/form-data (image files), "
                 'application/json ({"images": [base64, ...]}) or an image',
             )
+        unknown = sorted(set(params) - set(_PARAMETERS))
+        if unknown:
+            message = f"unknown field(s): {', '.join(unknown)}; accepted: {', '.join(_PARAMETERS)}"
+            if media_type == "multipart/form-data":
+                message += " (images go as files: parts with a filename)"
+            raise BadRequest(400, message)
         if not images:
             raise BadRequest(400, "no images in the request")
         if kind == "censor" and len(images) != 1:
@@ -284,42 +308,132 @@ class RequestGate:
         return job
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def _read_body(scope: Scope, receive: Receive, limit: int, timeout: float) -> bytes:
+    """The request's body: at most ``limit`` bytes (413), all of it within ``timeout`` seconds
+    (408: a slow or stalled client holds nothing longer)."""
     declared = dict(scope["headers"]).get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, f"the request has {int(declared)} bytes; at most {limit}")
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest(400, "the client went away")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"the request has more than {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
+    chunks: list[bytes] = []
 
-
-async def _multipart(
-    scope: Scope, body: bytes, max_images: int
-) -> tuple[list[bytes], dict[str, str]]:
-    async def replay() -> MutableMapping[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
+    async def read() -> bytes:
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest(400, "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"the request has more than {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
 
     try:
-        form = await Request(scope, replay).form(max_files=max_images + 1, max_fields=50)
-    except (MultiPartException, ValueError) as error:  # python-multipart's are ValueErrors
-        raise BadRequest(400, f"the multipart body cannot be read: {error}") from None
-    images, fields = [], {}
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            images.append(await value.read())
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        received = sum(map(len, chunks))
+        raise BadRequest(
+            408,
+            f"the request body did not arrive within {timeout:g} s ({received} bytes came): "
+            "send it whole without pausing (--request-timeout)",
+        ) from None
+
+
+class _Form:
+    """The image files and text fields of a multipart/form-data body, read by python-multipart's
+    parser (its callbacks are the ``on_*`` methods); a :class:`BadRequest` for anything wrong."""
+
+    def __init__(self, max_images: int):
+        self.max_images = max_images
+        self.images: list[bytes] = []
+        self.fields: dict[str, str] = {}
+        self.complete = False  # whether the closing boundary came
+        self._field_count = 0
+        self._header_name = self._header_value = self._disposition = b""
+        self._name = ""
+        self._is_file = False
+        self._data = bytearray()
+
+    def read(self, body: bytes, boundary: bytes) -> None:
+        callbacks = {name: getattr(self, name) for name in dir(self) if name.startswith("on_")}
+        try:
+            parser = MultipartParser(boundary, callbacks)
+            parser.write(body)
+            parser.finalize()
+        except FormParserError as error:  # python-multipart's: a ValueError
+            raise BadRequest(400, f"the multipart body cannot be read: {error}") from None
+        if not self.complete:
+            closing = f"--{boundary.decode('latin-1')}--"
+            raise BadRequest(
+                400, f"the multipart body ends before its closing boundary ({closing})"
+            )
+
+    def on_part_begin(self) -> None:
+        self._disposition, self._data = b"", bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.strip().lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise BadRequest(
+                400,
+                'a multipart part without a name: each needs "Content-Disposition: form-data; '
+                'name=..." (and a filename for an image)',
+            )
+        self._name = options[b"name"].decode("utf-8", "replace")
+        self._is_file = b"filename" in options
+        if self._is_file:
+            if len(self.images) == self.max_images:
+                limit = self.max_images
+                raise BadRequest(413, f"more than {limit} images in one request; at most {limit}")
         else:
-            fields[name] = value
-    await form.close()
-    return images, fields
+            self._field_count += 1
+            if self._field_count > _MAX_FORM_FIELDS:
+                accepted = ", ".join(_PARAMETERS)
+                raise BadRequest(
+                    400, f"more than {_MAX_FORM_FIELDS} form fields; the fields are {accepted}"
+                )
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data += data[start:end]
+
+    def on_part_end(self) -> None:
+        if self._is_file:
+            self.images.append(bytes(self._data))
+        else:
+            self.fields[self._name] = self._data.decode("utf-8", "replace")
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
+def _multipart(
+    content_type: str, body: bytes, max_images: int
+) -> tuple[list[bytes], dict[str, str]]:
+    """A multipart/form-data body's images (its file parts) and fields."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadRequest(
+            400,
+            "multipart/form-data without a boundary: send "
+            "'Content-Type: multipart/form-data; boundary=...' (HTTP clients add it)",
+        )
+    form = _Form(max_images)
+    form.read(body, boundary)
+    return form.images, form.fields
 
 
 def _json_images(body: bytes, kind: str) -> tuple[list[bytes], dict[str, Any]]:
@@ -344,16 +458,24 @@ def _json_images(body: bytes, kind: str) -> tuple[list[bytes], dict[str, Any]]:
             images.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
             raise BadRequest(400, f"images[{index}] is not valid base64") from None
-    unknown = sorted(set(value) - {"level", "threshold", "action"})
-    if unknown:
-        raise BadRequest(400, f"unknown field(s): {', '.join(unknown)}")
     return images, value
+
+
+def _quoted(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error never echoes a huge field back.
+
+    Example:
+        >>> _quoted("x" * 100)
+        "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (102 characters)"
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 4]}... ({len(text)} characters)"
 
 
 def _level(value: Any) -> str:
     text = str(value).strip().lower()
     if text not in LEVELS:
-        raise BadRequest(400, f"level {value!r}: expected one of {', '.join(LEVELS)}")
+        raise BadRequest(400, f"level {_quoted(value)}: expected one of {', '.join(LEVELS)}")
     return text
 
 
@@ -363,14 +485,14 @@ def _threshold(value: Any) -> float:
     except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not 0.0 <= number <= 1.0:
-        raise BadRequest(400, f"threshold {value!r}: expected a number in [0, 1]")
+        raise BadRequest(400, f"threshold {_quoted(value)}: expected a number in [0, 1]")
     return number
 
 
 def _action(value: Any) -> str:
     text = str(value).strip().lower()
     if text not in ACTIONS:
-        raise BadRequest(400, f"action {value!r}: expected one of {', '.join(ACTIONS)}")
+        raise BadRequest(400, f"action {_quoted(value)}: expected one of {', '.join(ACTIONS)}")
     return text
 
 
@@ -400,8 +522,12 @@ class _Job:
     level: str
     threshold: float
     action: str
-    prepared: list[Prepared | None] | None = None
+    prepared: list[Prepared] | None = None
+    verdicts: list[dict[str, Any]] | None = None
     error: str | None = None
+    """Why this request failed in the worker; ``None``: it has its verdicts."""
+    status: int = 422
+    """Its error's HTTP status: 422 for its images, 503 where the model could not check them."""
 
 
 class ModerationAPI(ls.LitAPI):
@@ -461,7 +587,6 @@ class ModerationAPI(ls.LitAPI):
 
         flat = [data for job in jobs for data in job.images]
         prepared = list(self.pool.map(prepare, flat))
-        images, levels, thresholds = [], [], []
         position = 0
         for job in jobs:
             results = prepared[position : position + len(job.images)]
@@ -469,24 +594,45 @@ class ModerationAPI(ls.LitAPI):
             bad = next(((i, r) for i, r in enumerate(results) if isinstance(r, str)), None)
             if bad is not None:
                 job.error = f"images[{bad[0]}] could not be decoded: {bad[1]}"
-                continue
-            images += results
-            levels += [NSFWLevel.parse(job.level)] * len(results)
-            thresholds += [job.threshold] * len(results)
-        verdicts = iter(self._verdicts(images, levels, thresholds))
+            else:
+                job.prepared = results
+        decoded = [job for job in jobs if job.error is None]
+        self._check(decoded)
         metrics = _metrics()
         metrics.batch_requests.observe(len(jobs))
-        metrics.batch_images.observe(len(images))
-        outputs = []
+        metrics.batch_images.observe(sum(len(job.images) for job in decoded))
         for job in jobs:
-            if job.error is not None:
-                outputs.append(job)
-                continue
-            job_verdicts = [next(verdicts) for _ in job.images]
-            for verdict in job_verdicts:
+            for verdict in job.verdicts or ():
                 metrics.images.labels(verdict["level"]).inc()
-            outputs.append((job, job_verdicts))
-        return outputs
+        return jobs
+
+    def _check(self, jobs: list[_Job]) -> None:
+        """Give each job its verdicts, checked as one batch. Should the batch fail, each job is
+        checked alone: only a job that fails alone gets an error (503: the images were read, the
+        model failed), not the jobs batched with it."""
+        try:
+            self._check_together(jobs)
+        except Exception:
+            for job in jobs:
+                try:
+                    self._check_together([job])
+                except Exception as error:
+                    _LOG.exception("a request's images could not be checked")
+                    job.error = f"the images could not be checked: {type(error).__name__}: {error}"
+                    job.status = 503
+
+    def _check_together(self, jobs: list[_Job]) -> None:
+        images = [image for job in jobs for image in job.prepared]
+        levels = [NSFWLevel.parse(job.level) for job in jobs for _ in job.prepared]
+        thresholds = [job.threshold for job in jobs for _ in job.prepared]
+        verdicts = iter(self._verdicts(images, levels, thresholds))
+        for job in jobs:
+            job.verdicts = [next(verdicts) for _ in job.prepared]
+            # A frame past an animation's first chunk that cannot be decoded: its own 422.
+            bad = next(((i, v) for i, v in enumerate(job.verdicts) if v["error"]), None)
+            if bad is not None:
+                job.error = f"images[{bad[0]}] could not be decoded: {bad[1]['error']}"
+                job.verdicts = None
 
     def _verdicts(
         self, images: list[Prepared], levels: list[NSFWLevel], thresholds: list[float]
@@ -504,21 +650,28 @@ class ModerationAPI(ls.LitAPI):
                 "level": verdict.level.value,
                 "scores": dict(zip(_SCORES, verdict.scores, strict=True)),
                 "flagged": verdict.flagged,
-                "error": None,
+                "frames": image.frame_count,
+                "frames_checked": image.frames_checked,
+                "error": verdict.error,
             }
-            for verdict in verdicts
+            for verdict, image in zip(verdicts, images, strict=True)
         ]
 
     def unbatch(self, outputs: list[Any]) -> list[Any]:
         return outputs
 
-    def encode_response(self, output):  # a Response, or a _Job with its error
-        if isinstance(output, _Job):
-            return _error(422, output.error)
-        job, verdicts = output
+    def encode_response(self, job):  # a _Job, with its verdicts or its error
+        if job.error is None:
+            try:
+                return self._answer(job)
+            except Exception as error:  # raised to LitServe, it would fail the whole batch
+                job.error = f"the answer could not be made: {type(error).__name__}: {error}"
+        return _error(job.status, job.error)
+
+    def _answer(self, job: _Job) -> Response:
         if job.kind == "moderate":
-            return JSONResponse({"model": self.settings.model_name, "results": verdicts})
-        return self._censored(job, verdicts[0])
+            return JSONResponse({"model": self.settings.model_name, "results": job.verdicts})
+        return self._censored(job, job.verdicts[0])
 
     def _censored(self, job: _Job, verdict: dict[str, Any]) -> Response:
         data = job.images[0]
@@ -556,8 +709,6 @@ def build_server(settings: ServeSettings, *, accelerator: str = "auto") -> ls.Li
         >>> server = build_server(ServeSettings(model=str(make_checkpoint(tempfile.mkdtemp()))))
         >>> server.run(host="127.0.0.1", port=8000, generate_client_file=False)  # doctest: +SKIP
     """
-    import python_multipart  # noqa: F401 - multipart uploads need it: fail now, not per request
-
     return _ModerationServer(
         ModerationAPI(settings),
         accelerator=accelerator,
