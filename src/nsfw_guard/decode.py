@@ -300,21 +300,14 @@ def decode_frames(
         >>> [batch.pixels[0, 0, 0, 0].item() for batch in decode_frames(buffer.getvalue(), [1, 39])]
         [6, 234]
     """
-    with Image.open(io.BytesIO(data)) as image:
-        positions = _positions(image)
-        for index in range(len(positions)) if indices is None else indices:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                try:
-                    batches = _to_batches(_frame_at(image, positions[index]), target_size)
-                except Image.DecompressionBombWarning as warning:
-                    raise Image.DecompressionBombError(str(warning)) from None
-            yield from batches
+    for frame in iter_frames(data, indices):
+        yield from _to_batches(frame, target_size)
 
 
-def iter_frames(data: bytes) -> Iterator[Image.Image]:
-    """Every frame of the image in ``data`` (what :func:`decode_image` counts as frames),
-    oriented, one at a time, each valid until the next is asked for.
+def iter_frames(data: bytes, indices: Sequence[int] | None = None) -> Iterator[Image.Image]:
+    """The frames at ``indices`` (ascending; ``None``: every frame) of the image in ``data``
+    (what :func:`decode_image` counts as frames), oriented, one at a time, each valid until the
+    next is asked for. A frame over Pillow's pixel limit raises ``DecompressionBombError``.
 
     Example:
         >>> buffer = io.BytesIO()
@@ -322,11 +315,16 @@ def iter_frames(data: bytes) -> Iterator[Image.Image]:
         >>> [frame.size for frame in iter_frames(buffer.getvalue())]
         [(4, 4), (8, 8)]
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:
-            for position in _positions(image):
-                yield _frame_at(image, position)
+    with Image.open(io.BytesIO(data)) as image:
+        positions = _positions(image)
+        for index in range(len(positions)) if indices is None else indices:
+            with warnings.catch_warnings():  # per frame: never left set while suspended
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                try:
+                    frame = _frame_at(image, positions[index])
+                except Image.DecompressionBombWarning as warning:
+                    raise Image.DecompressionBombError(str(warning)) from None
+            yield frame
 
 
 def _positions(image: Image.Image) -> list[int | tuple[int, ...]]:
