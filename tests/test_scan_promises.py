@@ -24,6 +24,7 @@ from nsfw_guard.cli import (
     main,
 )
 from nsfw_guard.copies import MANIFEST_NAME, CopyFolder
+from nsfw_guard.decode import decode_image
 from nsfw_guard.records import part_path, part_paths
 from nsfw_guard.scan import read_records
 
@@ -202,6 +203,25 @@ def test_a_sampled_animation_is_flagged_and_never_copied_as_clean(bright, tmp_pa
     assert (copies / "long.gif").read_bytes() == (folder / "long.gif").read_bytes()
     records = {Path(r["path"]).name: r for r in read_records(output)}
     assert not records["long.gif"]["sampled"] and not records["long.gif"]["flagged"]
+
+
+def test_an_animation_damaged_past_its_first_frames_is_an_error_record(bright, tmp_path, capsys):
+    """Its first chunk of frames decodes, a later frame does not: an error record for it alone
+    (flagged, so no filter keeps it), the other files' records as usual, exit 3."""
+    folder = tmp_path / "gifs"
+    folder.mkdir()
+    whole = _animation(tmp_path / "whole.gif", {30}, 40).read_bytes()
+    (folder / "cut.gif").write_bytes(whole[: len(whole) * 3 // 4])  # frame 30 on: cut off
+    first = decode_image((folder / "cut.gif").read_bytes(), frame_limit=16)
+    assert len(first.frames) == 16 and first.later  # the first chunk decodes
+    _animation(folder / "late.gif", {30}, 40)
+    output = tmp_path / "r.jsonl"
+    code, _, _ = _scan(capsys, folder, "--model", bright, "--output", output, "--workers", "0")
+    assert code == EXIT_FILE_ERRORS
+    records = {Path(r["path"]).name: r for r in read_records(output)}
+    assert records["cut.gif"]["error"] and records["cut.gif"]["flagged"]
+    assert records["cut.gif"]["level"] is None
+    assert records["late.gif"]["level"] == "high" and not records["late.gif"]["error"]
 
 
 def test_copies_are_made_from_the_bytes_that_were_checked(level_checkpoints, tmp_path):

@@ -221,11 +221,11 @@ def _worst_of_later(
     while True:
         try:
             batch = list(itertools.islice(frames, chunk))
+            if not batch:
+                return scores, verifiable
+            pixels, ok = _prepare_frames(batch, scorer.preprocess)
         except Exception as error:  # cut short or damaged past the first chunk
             raise _FrameNotDecoded(f"{type(error).__name__}: {error}".strip()) from error
-        if not batch:
-            return scores, verifiable
-        pixels, ok = _prepare_frames(batch, scorer.preprocess)
         ok = ok.to(device)
         rows = torch.cat([scores[None], scorer.classify(pixels.to(device), ok)])
         owners = torch.zeros(rows.shape[0], dtype=torch.long, device=device)
