@@ -40,7 +40,10 @@ def test_a_censored_image_keeps_its_format_where_pillow_can_write_rgb_in_it(
     blank, tmp_path, fmt, mode, written
 ):
     original = io.BytesIO()
-    Image.new(mode, (40, 30), 1).save(original, format=fmt)
+    image = Image.new(mode, (40, 30), 1)
+    if mode == "P":  # a whole palette: Pillow 10.1 writes a BMP of a short one it cannot read
+        image.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    image.save(original, format=fmt)
     for target in (io.BytesIO(), tmp_path / f"copy.{fmt.lower()}"):  # serve's, scan's
         assert save_censored(original.getvalue(), target, blank, VERDICT) == written
         saved = target.getvalue() if isinstance(target, io.BytesIO) else target.read_bytes()
