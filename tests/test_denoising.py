@@ -78,6 +78,7 @@ def test_x0_estimate_inverts_the_schedulers_parametrisation(name, prediction):
         ("EulerAncestralDiscreteScheduler", "epsilon"),
         ("DDPMScheduler", "epsilon"),
         ("HeunDiscreteScheduler", "epsilon"),
+        ("CogVideoXDDIMScheduler", "v_prediction"),  # its SNR shift lives in alphas_cumprod
     ],
 )
 def test_the_formula_matches_pred_original_sample_where_the_step_returns_it(name, prediction):

@@ -7,15 +7,24 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EDMEulerScheduler
+from diffusers import (
+    AutoencoderKLWan,
+    CogVideoXDPMScheduler,
+    DDIMScheduler,
+    EDMEulerScheduler,
+    FluxPipeline,
+    LTXPipeline,
+)
 
 from nsfw_guard import EarlyStop, GuardWarning, guard, unguard
 from nsfw_guard.check import CheckStep
 from nsfw_guard.early_stop import EarlyCheck, LatentDecoder
+from nsfw_guard.latent_layouts import LatentLayout, layout_of
 from nsfw_guard.model import load_model
 from nsfw_guard.scoring import NSFWScorer
 from nsfw_guard.testing import make_tiny_decoder, make_tiny_pipeline
 
+from .test_scoring import HOST_SYNC_OPS
 from .tiny_pipelines import make_pipeline
 
 STEPS = 10
@@ -178,25 +187,80 @@ def test_the_users_own_callback_keeps_working_with_early_stop(sd, level_checkpoi
     assert seen == list(range(STEPS)) and calls == STEPS
 
 
-@pytest.mark.parametrize("kind", ["sd3", "sdxl"])
+def _pixels(output) -> np.ndarray:
+    """An output's images, or its videos' frames, as one array."""
+    images = getattr(output, "images", None)
+    return np.asarray(output.frames if images is None else images)
+
+
+def _tiny(kind: str, folder) -> tuple:
+    """``(pipe, its denoiser, call arguments)`` of a tiny pipeline of ``kind``."""
+    if kind == "sdxl":
+        pipe = make_tiny_pipeline("sdxl")
+        return pipe, pipe.unet, {"prompt": "a photo"}
+    pipe, inputs = make_pipeline(kind, folder)
+    return pipe, pipe.transformer, inputs
+
+
+@pytest.mark.parametrize("kind", ["sd3", "sdxl", "flux", "flux-kontext", "wan", "cogvideox"])
 def test_early_stop_on_other_pipelines(kind, tmp_path, level_checkpoints):
-    """SD3 (flow matching, FlowMatchEuler, its own VAE with a shift factor) and SDXL."""
-    if kind == "sd3":
-        pipe, inputs = make_pipeline("sd3", tmp_path)
-        denoiser = pipe.transformer
-    else:
-        pipe, inputs = make_tiny_pipeline("sdxl"), {"prompt": "a photo"}
-        denoiser = pipe.unet
+    """SD3 (flow matching, FlowMatchEuler, its own VAE with a shift factor), SDXL, Flux (packed
+    latents, unpacked at the call's size), Flux Kontext (whose size comes from its image and
+    max_area, not from the call), Wan (5-D video latents, a causal 3-D VAE, UniPC with flow
+    sigmas, two denoiser calls a step) and CogVideoX (latents frames first, v-prediction DDIM)."""
+    pipe, denoiser, inputs = _tiny(kind, tmp_path)
     inputs = {**inputs, "num_inference_steps": STEPS, "output_type": "np"}
     g = guard(pipe, model=level_checkpoints["high"], action="blank", early_stop=True)
     output, calls = _run(pipe, denoiser, **inputs)
-    assert calls == 3 and (output.images == 0).all()
-    assert all(r.stopped_at == 2 for r in g.last)
     guard(pipe, model=level_checkpoints["neutral"], early_stop=True)
     early, early_calls = _run(pipe, denoiser, **inputs)
     unguard(pipe)
     plain, plain_calls = _run(pipe, denoiser, **inputs)
-    assert early_calls == plain_calls == STEPS and np.array_equal(early.images, plain.images)
+    per_step = plain_calls // STEPS
+    assert calls == 3 * per_step and (_pixels(output) == 0).all()  # stopped after step 3 of 10
+    assert len(g.last) == np.prod(_pixels(output).shape[:-3])  # an image, or a frame, each
+    assert all(r.stopped_at == 2 and r.flagged for r in g.last)
+    assert early_calls == plain_calls == STEPS * per_step
+    assert np.array_equal(_pixels(early), _pixels(plain))
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_a_batch_of_packed_images_or_videos_with_only_some_flagged_runs_to_the_end(
+    kind, tmp_path, sharp_checkpoint
+):
+    """Stopping needs every image, every video (one of its frames) of the batch."""
+    pipe, denoiser, inputs = _tiny(kind, tmp_path)
+    per_prompt = "num_images_per_prompt" if kind == "flux" else "num_videos_per_prompt"
+    inputs = {**inputs, per_prompt: 2, "output_type": "np", "num_inference_steps": STEPS}
+
+    def run(early_stop):
+        g = guard(pipe, model=sharp_checkpoint, action="none", early_stop=early_stop)
+        output, calls = _run(pipe, denoiser, **inputs)
+        return output, calls, g.last
+
+    _, _, probe = run(EarlyStop(at=(0.5,), threshold=1.0))
+    videos = np.asarray([r.early_scores[4]["medium"] for r in probe]).reshape(2, -1).max(axis=1)
+    assert videos[0] != videos[1]
+    between = float(videos.mean())
+    output, calls, last = run(EarlyStop(at=(0.5,), threshold=between))
+    plain, plain_calls, _ = run(False)
+    assert calls == plain_calls and np.array_equal(_pixels(output), _pixels(plain))
+    assert all(r.stopped_at is None for r in last)
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_previews_of_packed_images_and_videos_are_censored(kind, tmp_path, level_checkpoints):
+    """Every preview (every frame of a video's) comes censored when flagged."""
+    pipe, denoiser, inputs = _tiny(kind, tmp_path)
+    g = guard(pipe, model=level_checkpoints["high"], action="blank")
+    shown = {}
+    previews = g.previews(shown.__setitem__, every=1)
+    inputs = {**inputs, "num_inference_steps": STEPS, "output_type": "np"}
+    _run(pipe, denoiser, **inputs, callback_on_step_end=previews)
+    assert sorted(shown) == list(range(STEPS))
+    count = 2 if kind == "flux" else inputs["num_frames"]
+    assert all(len(images) == count for images in shown.values())
+    assert all(np.asarray(image).max() == 0 for images in shown.values() for image in images)
 
 
 def test_img2img_counts_the_steps_it_runs(level_checkpoints):
@@ -217,10 +281,18 @@ def test_a_ddim_scheduler_swapped_in_after_guard_is_used(sd, level_checkpoints):
 
 def test_pipelines_that_cannot_be_stopped_early_are_refused(sd, tmp_path, level_checkpoints):
     model = level_checkpoints["neutral"]
-    flux, _ = make_pipeline("flux", tmp_path / "flux")
-    with pytest.raises(ValueError, match=r"cannot stop FluxPipeline early: .*packed"):
-        guard(flux, model=model, early_stop=True)
-    assert "_nsfw_guard" not in flux.__dict__  # refused before anything was attached
+    wan, _ = make_pipeline("wan", tmp_path / "wan")
+    tiny = EarlyStop(decoder=make_tiny_decoder())
+    with pytest.raises(ValueError, match=r"WanPipeline makes videos, which AutoencoderTiny does"):
+        guard(wan, model=model, early_stop=tiny)
+    assert "_nsfw_guard" not in wan.__dict__  # refused before anything was attached
+    cogvideox, _ = make_pipeline("cogvideox", tmp_path / "cogvideox")
+    cogvideox.scheduler = CogVideoXDPMScheduler.from_config(cogvideox.scheduler.config)
+    with pytest.raises(ValueError, match=r"no x0 estimate is known for CogVideoXDPMScheduler"):
+        guard(cogvideox, model=model, early_stop=True)
+    ltx = LTXPipeline.__new__(LTXPipeline)  # its video tokens are packed with patch sizes
+    with pytest.raises(ValueError, match=r"LTXPipeline's latents are packed in a way nsfw-guard"):
+        layout_of(ltx)
     ddpm, _ = make_pipeline("ddpm", tmp_path / "ddpm")
     with pytest.raises(ValueError, match=r"cannot stop DDPMPipeline early: .*interrupt"):
         guard(ddpm, model=model, early_stop=True)
@@ -255,18 +327,52 @@ def test_previews_of_another_guard_are_refused(sd, level_checkpoints):
         g_other.previews(print, every=0)
 
 
-def test_the_early_check_step_exports_with_no_host_sync(level_checkpoints):
+class _PackedEarlyCheck(torch.nn.Module):
+    """What the guard runs on Flux's packed x0 estimate: unpack at the call's size, then check."""
+
+    def __init__(self, check: EarlyCheck, size: tuple[int, int]):
+        super().__init__()
+        self.check, self.size = check, size
+
+    def forward(self, latents):
+        return self.check(LatentLayout("packed", FluxPipeline).to_vae(latents, self.size, 2))
+
+
+@pytest.mark.parametrize("layout", ["image", "packed", "video"])
+def test_the_early_check_step_exports_with_no_host_sync(layout, level_checkpoints):
+    """TAESD on image latents, the Flux unpacking in front of a VAE, a Wan video VAE."""
     loaded = load_model(level_checkpoints["high"], device="cpu", dtype=torch.float32)
     step = CheckStep(NSFWScorer(loaded.model, loaded.data_config), action="blur")
-    check = EarlyCheck(LatentDecoder(make_tiny_decoder()), step, threshold=0.8).eval()
-    latents = torch.randn(2, 4, 16, 16)
+    if layout == "video":
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )  # fmt: skip
+        check, latents = (
+            EarlyCheck(LatentDecoder(vae.eval()), step, 0.8),
+            torch.randn(2, 16, 2, 4, 4),
+        )
+    else:
+        check = EarlyCheck(LatentDecoder(make_tiny_decoder()), step, threshold=0.8)
+        latents = torch.randn(2, 4, 16, 16)
+    if layout == "packed":  # 4 channels of 16x16 as Flux packs them: 8x8 tokens of 16
+        check, latents = _PackedEarlyCheck(check, (32, 32)), torch.randn(2, 64, 16)
+    check.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.export.export(check, (latents,))
+    ops = {
+        node.target.__name__.split(".")[0]
+        for node in exported.graph.nodes
+        if node.op == "call_function" and hasattr(node.target, "__name__")
+    }
+    assert not ops & HOST_SYNC_OPS, ops & HOST_SYNC_OPS
     previews, scores, stop = exported.module()(latents)
     expected = check(latents)
     assert torch.equal(stop, expected.stop) and bool(stop)
     assert torch.allclose(scores, expected.scores) and torch.allclose(previews, expected.previews)
+    assert previews.shape[0] == (10 if layout == "video" else 2)  # 5 frames of 2 videos
 
 
 def test_stop_false_records_the_early_scores_and_never_stops(sd, level_checkpoints):

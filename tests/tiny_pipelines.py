@@ -257,6 +257,87 @@ def _flux(folder: Path) -> tuple[DiffusionPipeline, dict]:
     return pipe, {**_TWO_IMAGES, "height": 64, "width": 64, "max_sequence_length": 16}
 
 
+def _flux_kontext(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Flux Kontext with the ``flux`` models: edits a 64x64 image into 64x48 ones (its size
+    comes from ``max_area`` and the aspect ratio asked for, not as given)."""
+    flux, _ = _flux(folder)
+    pipe = diffusers.FluxKontextPipeline(**flux.components)
+    image = Image.fromarray((_image(64)[0].permute(1, 2, 0) * 255).byte().numpy())
+    size = {"height": 48, "width": 64, "max_area": 64 * 48, "_auto_resize": False}
+    return pipe, {**_TWO_IMAGES, **size, "image": image, "max_sequence_length": 16}
+
+
+def _wan(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Wan 2.1 text to video (flow matching, a causal 3-D VAE): one video of 5 frames."""
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=_T5_DIM,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=1,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )  # fmt: skip
+    pipe = diffusers.WanPipeline(
+        tokenizer=_tiny_tokenizer(folder),
+        text_encoder=_t5(),
+        transformer=transformer,
+        vae=vae,
+        scheduler=diffusers.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        ),  # Wan's own
+    )
+    call = {"prompt": _PROMPT, "num_frames": 5, "height": 32, "width": 32}
+    return pipe, {**call, "num_inference_steps": 2, "max_sequence_length": 16}
+
+
+def _cogvideox(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """CogVideoX text to video (latents frames first, v-prediction DDIM with an SNR shift): one
+    video of 8 frames."""
+    transformer = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=_T5_DIM,
+        num_layers=1,
+        sample_width=2,
+        sample_height=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+    )
+    vae = diffusers.AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    pipe = diffusers.CogVideoXPipeline(
+        tokenizer=_tiny_tokenizer(folder),
+        text_encoder=_t5(),
+        transformer=transformer,
+        vae=vae,
+        scheduler=diffusers.CogVideoXDDIMScheduler(prediction_type="v_prediction"),
+    )
+    call = {"prompt": _PROMPT, "num_frames": 8, "height": 16, "width": 16}
+    return pipe, {**call, "num_inference_steps": 2, "max_sequence_length": 16}
+
+
 def _pixart(folder: Path) -> tuple[DiffusionPipeline, dict]:
     """A DiT on T5 embeddings; resolution binning would change the size to a trained one."""
     transformer = diffusers.PixArtTransformer2DModel(
@@ -399,6 +480,9 @@ _BUILDERS: dict[str, Callable[[Path], tuple[DiffusionPipeline, dict]]] = {
     "sdxl-inpaint": _sdxl_inpaint,
     "sd3": _sd3,
     "flux": _flux,
+    "flux-kontext": _flux_kontext,
+    "wan": _wan,
+    "cogvideox": _cogvideox,
     "pixart": _pixart,
     "video": _video,
     "ddpm": _ddpm,

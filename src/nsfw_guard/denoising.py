@@ -38,6 +38,7 @@ SCHEDULER_FAMILIES: dict[str, tuple[str, ...]] = {
         "PNDMScheduler",
         "LCMScheduler",
         "TCDScheduler",
+        "CogVideoXDDIMScheduler",
     ),
     "vp_sigma": (
         "DPMSolverMultistepScheduler",

@@ -69,7 +69,8 @@ class EarlyStop:
 
 
 class LatentDecoder(nn.Module):
-    """A pipeline's latents ``[B, C, h, w]`` → images ``[B, 3, H, W]`` in ``[-1, 1]``.
+    """A pipeline's latents as its VAE takes them, ``[B, C, h, w]`` (or ``[B, C, F, h, w]`` for
+    a video VAE) → images ``[B, 3, H, W]`` (videos ``[B, 3, F, H, W]``) in ``[-1, 1]``.
 
     Undoes the latent scaling the way the pipelines do before ``vae.decode``, with the
     autoencoder's own config: ``latents * std / scaling_factor + mean`` where it has
@@ -106,14 +107,16 @@ class LatentDecoder(nn.Module):
 
 
 class EarlyCheckOutput(NamedTuple):
-    """One early check's results, on the latents' device."""
+    """One early check's results, on the latents' device. For videos, every frame of each video
+    in turn is an image."""
 
     previews: Tensor
-    """``[B, 3, H, W]`` float in [0, 1]: the decoded estimates, the flagged ones censored."""
+    """``[N, 3, H, W]`` float in [0, 1]: the decoded estimates, the flagged ones censored."""
     scores: Tensor
-    """``[B, 4]`` float32 level scores of the estimates."""
+    """``[N, 4]`` float32 level scores of the estimates."""
     stop: Tensor
-    """0-d bool: every image reached the early-stop threshold at the check level."""
+    """0-d bool: every image (every video, in one of its frames) reached the early-stop
+    threshold at the check level."""
 
 
 class EarlyCheck(nn.Module):
@@ -121,8 +124,9 @@ class EarlyCheck(nn.Module):
 
     ``step`` censors the previews at the guard's level and threshold (its action, or a blur
     where the guard only flags: a preview is never shown uncensored); ``stop`` asks that every
-    image, verifiable, score ``>= threshold`` at that level. Images with NaN or Inf pixels are
-    blanked and never stop a run.
+    image, verifiable, score ``>= threshold`` at that level; a video, that one of its frames
+    does (its final check censors every frame once a run is stopped). Images with NaN or Inf
+    pixels are blanked and never stop a run.
 
     Example:
         >>> import tempfile
@@ -146,10 +150,14 @@ class EarlyCheck(nn.Module):
 
     def forward(self, latents: Tensor) -> EarlyCheckOutput:
         images = self.decoder(latents)
+        frames = 1
+        if images.ndim == 5:  # videos [B, 3, F, H, W]: each frame an image, video by video
+            frames = images.shape[2]
+            images = images.transpose(1, 2).flatten(0, 1)
         output = self.step.run(images, "-1,1", "input")
         previews = (output.images.float() / 2 + 0.5).clamp(0, 1)
-        sure = output.scores[:, self.step.level.index] >= self.threshold
-        stop = (sure & output.verifiable).all()
+        sure = (output.scores[:, self.step.level.index] >= self.threshold) & output.verifiable
+        stop = sure.view(-1, frames).any(dim=1).all()
         return EarlyCheckOutput(previews, output.scores, stop)
 
 

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderTiny, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -46,6 +46,7 @@ from .check import from_unit_range
 from .denoising import scheduler_family, x0_estimate
 from .detector import NSFWDetector
 from .early_stop import EarlyCheck, EarlyCheckOutput, EarlyStop, decoder_for
+from .latent_layouts import LatentLayout, latent_size, layout_of
 from .levels import WORST_SCORES, NSFWLevel, check_threshold, parse_check_level
 from .pipeline_outputs import locate_images
 from .pipeline_support import PipelineSupport, pipeline_support
@@ -288,15 +289,19 @@ class Guard:
         pipe, name = self.pipe, _base_class(type(self.pipe)).__name__
         if not self.support.interruptible:
             return f"{name}'s denoising loop has no interrupt (self.interrupt) to stop it with"
-        if hasattr(pipe, "_pack_latents") or "video_processor" in pipe.__dict__:
-            return f"{name}'s latents are not [B, C, h, w] images (packed, or video)"
         try:
+            layout = layout_of(pipe)
             scheduler_family(getattr(pipe, "scheduler", None))
         except ValueError as error:
             return str(error)
         decoder = self.early_stop.decoder if self.early_stop is not None else None
         if decoder_for(pipe, decoder) is None:
             return f"{name} has no vae to decode latents with; pass EarlyStop(decoder=...)"
+        if layout.video and isinstance(decoder, AutoencoderTiny):
+            return (
+                f"{name} makes videos, which AutoencoderTiny does not decode; leave "
+                "EarlyStop(decoder=...) out to decode with its own VAE"
+            )
         return None
 
     def _check_output(self, output: Any, output_type: Any, state: _Call) -> Any:
@@ -534,12 +539,15 @@ def unguard(pipe: DiffusionPipeline) -> None:
 
 class _Denoising:
     """One call's checks while denoising: wraps its scheduler's ``step`` for the call, keeps the
-    last step's x0 estimate, runs the early checks and interrupts the run when they say so."""
+    last step's x0 estimate, runs the early checks and interrupts the run when they say so. For
+    packed latents it also wraps the pipeline's ``prepare_latents``, to learn the call's size."""
 
-    def __init__(self, guard: Guard, scheduler: Any, check: EarlyCheck):
+    def __init__(self, guard: Guard, scheduler: Any, check: EarlyCheck, layout: LatentLayout):
         self.guard = guard
         self.scheduler = scheduler
         self.check = check
+        self.layout = layout
+        self.size: tuple[int, int] | None = None  # the call's (height, width), packed latents
         self.steps_done = 0
         self.total: int | None = None
         self.checks_at: dict[int, float] = {}
@@ -550,6 +558,7 @@ class _Denoising:
         self._checked: tuple[int, EarlyCheckOutput] | None = None
         self._failed = False
         self._own_step: Callable | None = None
+        self._own_prepare: Callable | None = None
 
     @classmethod
     def attach(cls, guard: Guard) -> _Denoising | None:
@@ -567,18 +576,31 @@ class _Denoising:
         guard._place_checker(device)
         step = guard.checker.check_step
         check = EarlyCheck(decoder, step, early.threshold if early is not None else 1.0)
-        denoising = cls(guard, guard.pipe.scheduler, check)
+        denoising = cls(guard, guard.pipe.scheduler, check, layout_of(guard.pipe))
         denoising._own_step = denoising.scheduler.__dict__.get("step")  # the user's, if any
         denoising.scheduler.__dict__["step"] = denoising._step
+        if denoising.layout.kind == "packed":
+            denoising._own_prepare = guard.pipe.__dict__.get("prepare_latents")
+            guard.pipe.__dict__["prepare_latents"] = denoising._prepare_latents
         return denoising
 
     def detach(self) -> None:
-        """Give the scheduler back its own ``step``."""
-        if self.scheduler.__dict__.get("step") == self._step:
-            if self._own_step is None:
-                del self.scheduler.__dict__["step"]
-            else:
-                self.scheduler.__dict__["step"] = self._own_step
+        """Give the scheduler back its own ``step`` (and the pipeline its ``prepare_latents``)."""
+        for owner, name, wrapper, own in (
+            (self.scheduler, "step", self._step, self._own_step),
+            (self.guard.pipe, "prepare_latents", self._prepare_latents, self._own_prepare),
+        ):
+            if owner.__dict__.get(name) == wrapper:
+                if own is None:
+                    del owner.__dict__[name]
+                else:
+                    owner.__dict__[name] = own
+
+    def _prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self.guard.pipe
+        prepare = self._own_prepare or functools.partial(type(pipe).prepare_latents, pipe)
+        self.size = latent_size(prepare, args, kwargs)
+        return prepare(*args, **kwargs)
 
     def _step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs) -> Any:
         scheduler = self.scheduler
@@ -620,7 +642,8 @@ class _Denoising:
             with torch.inference_mode():
                 model_output, timestep, sample, index, output = self._last[1]
                 x0 = x0_estimate(self.scheduler, model_output, timestep, sample, index, output)
-                result = self.check(x0)
+                scale = getattr(self.guard.pipe, "vae_scale_factor", 8)
+                result = self.check(self.layout.to_vae(x0, self.size, scale))
         except Exception as error:
             self._fail(error)
             return None
