@@ -9,8 +9,10 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKLWan,
+    AutoencoderTiny,
     CogVideoXDPMScheduler,
     DDIMScheduler,
+    DiffusionPipeline,
     EDMEulerScheduler,
     FluxPipeline,
     LTXPipeline,
@@ -380,3 +382,30 @@ def test_stop_false_records_the_early_scores_and_never_stops(sd, level_checkpoin
     _, calls = _run(sd, sd.unet, **PROMPT)
     assert calls == STEPS and g.last[0].stopped_at is None
     assert sorted(g.last[0].early_scores) == [2, 4, 6] and g.last[0].reason is None
+
+
+def test_save_pretrained_keeps_the_early_stop_settings(tmp_path, level_checkpoints):
+    """Saved with the checker's other settings; guard() of the reloaded pipeline uses them all
+    (its own checker, its decoder loaded by name) and stops as the saved guard did."""
+    import nsfw_guard.safety_checker  # noqa: F401 - lets diffusers load the checker
+
+    make_tiny_decoder().save_pretrained(tmp_path / "taesd")
+    decoder = AutoencoderTiny.from_pretrained(tmp_path / "taesd")
+    pipe = make_tiny_pipeline("sd")
+    early = EarlyStop(at=(0.3,), threshold=0.5, decoder=decoder)
+    guard(pipe, model=level_checkpoints["high"], action="blank", early_stop=early)
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.safety_checker.config.early_stop == {
+        "at": [0.3], "threshold": 0.5, "stop": True, "decoder": str(tmp_path / "taesd"),
+    }  # fmt: skip
+    g = guard(reloaded)
+    assert isinstance(g.early_stop.decoder, AutoencoderTiny) and g.early_stop.at == (0.3,)
+    output, calls = _run(reloaded, reloaded.unet, **PROMPT)
+    assert calls == 3 and (output.images == 0).all() and g.last[0].stopped_at == 2
+    assert guard(reloaded, early_stop=False).early_stop is None  # given settings win
+    # A decoder that has no name to be loaded by: saving says what the reloaded guard does.
+    guard(pipe, model=level_checkpoints["high"], early_stop=EarlyStop(decoder=make_tiny_decoder()))
+    with pytest.warns(GuardWarning, match="decodes with its VAE unless given"):
+        pipe.save_pretrained(tmp_path / "again")

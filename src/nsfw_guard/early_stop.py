@@ -10,6 +10,7 @@ scheduler's step and reads back one boolean at the steps ``at`` asks for.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -59,6 +60,35 @@ class EarlyStop:
                 f"EarlyStop(decoder=...) takes an autoencoder with a decode() method, such as "
                 f"diffusers.AutoencoderTiny, not a {type(self.decoder).__name__}"
             )
+
+    def to_config(self) -> dict[str, Any]:
+        """Settings to save (JSON): ``at``, ``threshold``, ``stop`` and the decoder's Hub id or
+        folder (``None`` for the pipeline's own VAE, or a decoder with no name to load it by).
+
+        Example:
+            >>> EarlyStop(at=(0.5,)).to_config()
+            {'at': [0.5], 'threshold': 0.8, 'stop': True, 'decoder': None}
+        """
+        name = (getattr(self.decoder, "config", None) or {}).get("_name_or_path")
+        name = os.fspath(name) if name else None
+        at, threshold, stop = list(self.at), self.threshold, self.stop
+        return {"at": at, "threshold": threshold, "stop": stop, "decoder": name}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> EarlyStop:
+        """The settings :meth:`to_config` saved; a named decoder is loaded with diffusers'
+        ``AutoencoderTiny.from_pretrained``.
+
+        Example:
+            >>> EarlyStop.from_config({"at": [0.5], "threshold": 0.9, "stop": False})
+            EarlyStop(at=(0.5,), threshold=0.9, decoder=None, stop=False)
+        """
+        decoder = config.get("decoder")
+        if decoder is not None:
+            from diffusers import AutoencoderTiny
+
+            decoder = AutoencoderTiny.from_pretrained(decoder).eval()
+        return cls(config["at"], config["threshold"], decoder, config["stop"])
 
     def steps(self, total: int) -> dict[int, float]:
         """The step indices (0-based) after which a run of ``total`` steps is checked."""

@@ -51,7 +51,7 @@ from .levels import WORST_SCORES, NSFWLevel, check_threshold, parse_check_level
 from .pipeline_outputs import locate_images
 from .pipeline_support import PipelineSupport, pipeline_support
 from .preprocess import to_unit_range
-from .safety_checker import NSFWSafetyChecker
+from .safety_checker import NSFWSafetyChecker, NSFWSafetyCheckerConfig
 
 __all__ = [
     "ON_ERROR",
@@ -441,30 +441,34 @@ class Guard:
 def guard(
     pipe: DiffusionPipeline,
     *,
-    level: NSFWLevel | str | int = "medium",
-    threshold: float = 0.5,
-    action: censor.Action = "blur",
-    model: str | os.PathLike | NSFWDetector | None = None,
+    level: NSFWLevel | str | int | None = None,
+    threshold: float | None = None,
+    action: censor.Action | None = None,
+    model: str | os.PathLike | NSFWDetector | NSFWSafetyChecker | None = None,
     on_error: str = "block",
     keep_originals: bool = False,
-    blur_radius: float = censor.DEFAULT_BLUR_RADIUS,
+    blur_radius: float | None = None,
     pixelate_block_size: int | None = None,
-    fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    early_stop: bool | EarlyStop = False,
+    fill_color: tuple[float, float, float] | None = None,
+    early_stop: bool | EarlyStop | None = None,
 ) -> Guard:
     """Check every image ``pipe`` generates; censor those at or above ``level`` with ``action``.
 
-    ``action`` is ``"blur"``, ``"pixelate"``, ``"blank"`` (``fill_color``), ``"none"`` (flag only)
-    or a callable ``(images in [0, 1]) -> images``. ``model`` is a Hub id, a local folder or an
-    :class:`NSFWDetector` whose weights (and dtype) are shared; ``None`` is
-    ``Freepik/nsfw_image_detector``. The classifier runs on the pipeline's device, in bf16 on
-    CUDA and float32 on CPUs without native bf16, whatever the pipeline's dtype.
-    ``on_error="block"`` blanks and flags images whose check raised, with a warning;
-    ``"raise"`` re-raises. Guarding a guarded pipeline replaces its guard. Pipelines that return
-    no images (audio, embeddings, depth) are refused with a ValueError saying why.
-    ``early_stop`` (``True`` or an :class:`EarlyStop`) checks the images while they are denoised
-    and stops runs whose every image is already clearly flagged (see :class:`EarlyStop`);
-    pipelines whose loop cannot be stopped are refused with a ValueError saying why.
+    ``action`` is ``"blur"`` (default), ``"pixelate"``, ``"blank"`` (``fill_color``, default
+    black), ``"none"`` (flag only) or a callable ``(images in [0, 1]) -> images``; ``level``
+    defaults to ``"medium"`` and ``threshold`` to 0.5. ``model`` is a Hub id, a local folder, an
+    :class:`NSFWDetector` whose weights (and dtype) are shared, or an :class:`NSFWSafetyChecker`
+    (a reloaded pipeline's ``safety_checker``) whose weights are shared and whose saved
+    settings, early stop included, are the defaults of those not given. ``None``: the
+    pipeline's own ``NSFWSafetyChecker``, if it has one, else ``Freepik/nsfw_image_detector``.
+    The classifier runs on the pipeline's device, in bf16 on CUDA and float32 on CPUs without
+    native bf16, whatever the pipeline's dtype. ``on_error="block"`` blanks and flags images
+    whose check raised, with a warning; ``"raise"`` re-raises. Guarding a guarded pipeline
+    replaces its guard. Pipelines that return no images (audio, embeddings, depth) are refused
+    with a ValueError saying why. ``early_stop`` (``True`` or an :class:`EarlyStop`) checks the
+    images while they are denoised and stops runs whose every image is already clearly flagged
+    (see :class:`EarlyStop`); pipelines whose loop cannot be stopped are refused with a
+    ValueError saying why.
 
     Example:
         >>> import tempfile
@@ -484,25 +488,42 @@ def guard(
     refused = pipeline_support(base).refused
     if refused:
         raise ValueError(f"nsfw-guard cannot guard {base.__name__}: {refused}.")
-    settings = {
-        "level": parse_check_level(level).value,
-        "threshold": check_threshold(threshold),
-        "action": censor.check_action(action),
+    saved = model
+    if model is None and isinstance(getattr(pipe, "safety_checker", None), NSFWSafetyChecker):
+        saved = pipe.safety_checker
+    if not isinstance(saved, NSFWSafetyChecker):
+        saved = None
+    given = {
+        "level": level,
+        "threshold": threshold,
+        "action": action,
         "blur_radius": blur_radius,
         "pixelate_block_size": pixelate_block_size,
-        "fill_color": tuple(fill_color),
+        "fill_color": fill_color,
     }
-    if isinstance(model, NSFWDetector):  # share its weights, in its dtype
-        settings["classifier_dtype"] = str(model.dtype).removeprefix("torch.")
-        checker = NSFWSafetyChecker.from_loaded(model.checkpoint, **settings)
-    else:
-        checker = NSFWSafetyChecker.from_pretrained(model or DEFAULT_MODEL, **settings)
+    settings = {**_settings_of(saved), **{k: v for k, v in given.items() if v is not None}}
+    settings["level"] = parse_check_level(settings["level"]).value
+    settings["threshold"] = check_threshold(settings["threshold"])
+    settings["action"] = censor.check_action(settings["action"])
+    settings["fill_color"] = tuple(settings["fill_color"])
+    if early_stop is None and saved is not None and saved.config.early_stop is not None:
+        early_stop = EarlyStop.from_config(saved.config.early_stop)
     if early_stop is True:
         early_stop = EarlyStop()
     elif early_stop is False or early_stop is None:
         early_stop = None
     elif not isinstance(early_stop, EarlyStop):
         raise TypeError(f"early_stop={early_stop!r}: expected True, False or an EarlyStop(...)")
+    settings["early_stop"] = early_stop.to_config() if early_stop is not None else None
+    if saved is not None:  # its classifier, shared, with these settings
+        action = settings.pop("action")
+        config = NSFWSafetyCheckerConfig(**{**saved.config.to_dict(), **settings})
+        checker = NSFWSafetyChecker(config, model=saved.check_step.scorer.model, action=action)
+    elif isinstance(model, NSFWDetector):  # share its weights, in its dtype
+        settings["classifier_dtype"] = str(model.dtype).removeprefix("torch.")
+        checker = NSFWSafetyChecker.from_loaded(model.checkpoint, **settings)
+    else:
+        checker = NSFWSafetyChecker.from_pretrained(model or DEFAULT_MODEL, **settings)
     attached = Guard(pipe, checker, on_error, bool(keep_originals), early_stop)
     if early_stop is not None:
         refused = attached._denoising_refusal()
@@ -511,6 +532,26 @@ def guard(
     unguard(pipe)
     attached._attach()
     return attached
+
+
+_DEFAULT_SETTINGS = {
+    "level": "medium",
+    "threshold": 0.5,
+    "action": "blur",
+    "blur_radius": censor.DEFAULT_BLUR_RADIUS,
+    "pixelate_block_size": None,
+    "fill_color": (0.0, 0.0, 0.0),
+}
+
+
+def _settings_of(checker: NSFWSafetyChecker | None) -> dict[str, Any]:
+    """A checker's settings (its callable action as itself), else the defaults."""
+    if checker is None:
+        return dict(_DEFAULT_SETTINGS)
+    settings = {name: getattr(checker.config, name) for name in _DEFAULT_SETTINGS}
+    if settings["action"] == "custom":
+        settings["action"] = checker.check_step.action
+    return settings
 
 
 def unguard(pipe: DiffusionPipeline) -> None:
@@ -749,6 +790,14 @@ class _GuardedPipeline(_GuardedSubclass):
                 "in, so the saved pipeline is not guarded when it is loaded again; call "
                 "nsfw_guard.guard() on it after from_pretrained."
             )
+        elif isinstance(existing, Guard) and existing.early_stop is not None:
+            early = existing.early_stop
+            if early.decoder is not None and early.to_config()["decoder"] is None:
+                _warn(
+                    "nsfw-guard: the early-stop decoder is saved by its Hub id or folder, and "
+                    "this one has none (it was not loaded with from_pretrained): guard() of the "
+                    "reloaded pipeline decodes with its VAE unless given EarlyStop(decoder=...)."
+                )
         return result
 
 

@@ -38,8 +38,17 @@ __all__ = ["DTYPES", "NSFWSafetyChecker", "NSFWSafetyCheckerConfig", "PreTrained
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """The checker's own dtype: ``auto`` is bf16 on CUDA and on CPUs with native bf16, else float32."""
 
-SETTINGS = ("level", "threshold", "action", "blur_radius", "pixelate_block_size", "fill_color")
-"""What a checker decides and how it censors: the arguments ``guard()`` passes on."""
+SETTINGS = (
+    "level",
+    "threshold",
+    "action",
+    "blur_radius",
+    "pixelate_block_size",
+    "fill_color",
+    "early_stop",
+)
+"""What a checker decides and how it censors, and when a guard stops runs early: the arguments
+``guard()`` passes on (``early_stop`` as :meth:`nsfw_guard.EarlyStop.to_config` gives it)."""
 
 WEIGHTS_NAME = "model.safetensors"
 # Written by nsfw-guard 0.1.0, when the checker was a diffusers ModelMixin.
@@ -63,6 +72,7 @@ class NSFWSafetyCheckerConfig(PretrainedConfig):
         pixelate_block_size: int | None = None,
         fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
         classifier_dtype: str = "auto",
+        early_stop: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self.architecture = architecture
@@ -75,6 +85,7 @@ class NSFWSafetyCheckerConfig(PretrainedConfig):
         self.pixelate_block_size = pixelate_block_size
         self.fill_color = list(fill_color)
         self.classifier_dtype = _check_dtype_name(classifier_dtype)
+        self.early_stop = dict(early_stop) if early_stop is not None else None
         super().__init__(**kwargs)
 
 
