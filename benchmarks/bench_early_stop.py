@@ -7,10 +7,16 @@ weights) how well early verdicts agree with final ones.
         --checker Freepik/nsfw_image_detector
 
 - **cost**: one early check (decode the x0 estimate + classify with the full-size classifier)
-  against one denoiser step (a classifier-free-guidance batch of 2), with random-weight models of
-  Stable Diffusion 1.5's and SDXL's sizes (UNet, VAE, and TAESD, the ``AutoencoderTiny``
-  architecture), for one image. On a CPU at 512² (SDXL's 1024² is too slow there); on CUDA at
-  each model's own size.
+  against one denoiser step, with random-weight models of real sizes, for one image or video:
+  Stable Diffusion 1.5 and SDXL (UNet, VAE and TAESD, the ``AutoencoderTiny`` architecture; a
+  step is a classifier-free-guidance batch of 2), Flux.1-dev (its transformer's width with 1
+  double and 2 single blocks of its 19 and 38, timed and scaled by 19: the whole model does not
+  fit in this machine's memory; its 16-channel VAE and TAEF1's architecture; guidance-distilled,
+  a step is one call, the check unpacks the packed x0 first) and Wan 2.1 1.3B (its transformer
+  and its causal 3-D VAE, whole; a step is two calls, with and without the prompt; the check
+  decodes every frame of the video and classifies each). On a CPU at 512² (Wan: 17 frames of
+  256²; SDXL's 1024² and Wan's 81 frames of 480x832 are too slow there); on CUDA at each
+  model's own size (Wan: 33 frames of 480x832).
 - **calls**: denoiser calls of a 30-step run that a forced-"high" classifier stops, for each
   ``at`` (tiny pipeline: the count, not the time, is the point).
 - **efficacy** (``--efficacy``): for a pipeline id and a prompt file, per prompt the early
@@ -79,6 +85,10 @@ def _random(module_class, device: torch.device, dtype: torch.dtype, **config):
     return module.to(dtype).eval()
 
 
+MODELS = (*SIZES, "flux", "wan")
+FLUX_BLOCKS = (1, 2)  # double and single blocks timed; Flux.1 has 19 and 38: scaled by 19
+
+
 def bench_cost(
     names: list[str], checker: str, device: torch.device, resolution: int | None, repeats: int
 ):
@@ -87,11 +97,117 @@ def bench_cost(
     step = CheckStep(NSFWScorer(loaded.model, loaded.data_config)).to(device)
     rows = []
     for name in names:
-        size = resolution or (SIZES[name][2] if device.type == "cuda" else 512)
-        rows.append(_cost_row(name, size, step, device, dtype, repeats))
+        native = {"flux": 1024, "wan": 480}.get(name) or SIZES[name][2]
+        size = resolution or (native if device.type == "cuda" else {"wan": 256}.get(name, 512))
+        row = {"flux": _flux_row, "wan": _wan_row}.get(name, _cost_row)
+        rows.append(row(name, size, step, device, dtype, repeats))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _check_costs(row, decoders, latents, step, device, repeats, warmup, denoise) -> dict:
+    """Decode and whole-check times of ``latents`` (as the VAE takes them) per decoder, and the
+    check as a fraction of a denoiser step of ``denoise`` seconds."""
+    row["denoiser_step_ms"] = denoise * 1e3
+    for decoder_name, decoder in decoders:
+        check = EarlyCheck(LatentDecoder(decoder), step, threshold=0.8)
+        decode, _ = measure(lambda d=decoder: d.decode(latents), device, repeats, warmup)
+        seconds, _ = measure(lambda c=check: c(latents), device, repeats, warmup)
+        row[f"{decoder_name}_decode_ms"] = decode * 1e3
+        row[f"check_{decoder_name}_ms"] = seconds * 1e3
+        row[f"check_{decoder_name}_per_step"] = seconds / denoise
+    return row
+
+
+def _flux_row(name, size, step, device, dtype, repeats) -> dict:
+    from diffusers import AutoencoderKL, AutoencoderTiny, FluxPipeline, FluxTransformer2DModel
+
+    double, single = FLUX_BLOCKS
+    transformer = _random(
+        FluxTransformer2DModel,
+        device,
+        dtype,
+        num_layers=double,
+        num_single_layers=single,
+        guidance_embeds=True,
+    )  # Flux.1-dev's config otherwise: 3072 wide, 64 packed channels, 4096 text, 768 pooled
+    vae = _random(
+        AutoencoderKL,
+        device,
+        dtype,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    taef1 = _random(AutoencoderTiny, device, dtype, latent_channels=16)
+    tokens, text_tokens = (size // 16) ** 2, 512
+    packed = torch.randn(1, tokens, 64, device=device, dtype=dtype)
+    ids = torch.zeros(tokens, 3, device=device, dtype=dtype)
+    inputs = {
+        "hidden_states": packed,
+        "encoder_hidden_states": torch.randn(1, text_tokens, 4096, device=device, dtype=dtype),
+        "pooled_projections": torch.randn(1, 768, device=device, dtype=dtype),
+        "timestep": torch.tensor([0.5], device=device, dtype=dtype),
+        "guidance": torch.tensor([3.5], device=device, dtype=dtype),
+        "img_ids": ids,
+        "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+    }
+    warmup = 1 if device.type == "cpu" else 3
+    row = {"model": name, "resolution": f"{size}²", "dtype": str(dtype).removeprefix("torch.")}
+    row["note"] = f"step: 1 call, {double}+{single} blocks timed x{19 // double}"
+    with torch.inference_mode():
+        seconds, _ = measure(lambda: transformer(**inputs), device, repeats, warmup)
+        latents = FluxPipeline._unpack_latents(packed, size, size, 8)  # as the guard unpacks
+        decoders = (("taesd", taef1), ("vae", vae))
+        return _check_costs(row, decoders, latents, step, device, repeats, warmup, seconds * 19)
+
+
+def _wan_row(name, size, step, device, dtype, repeats) -> dict:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    frames = 17 if device.type == "cpu" else 33
+    width = size if device.type == "cpu" else size * 832 // 480
+    transformer = _random(
+        WanTransformer3DModel,
+        device,
+        dtype,
+        num_attention_heads=12,
+        attention_head_dim=128,
+        ffn_dim=8960,
+        num_layers=30,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+    )  # Wan 2.1 T2V 1.3B
+    vae = _random(
+        AutoencoderKLWan,
+        device,
+        dtype,
+        base_dim=96,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        temperal_downsample=[False, True, True],
+    )
+    latents = torch.randn(1, 16, (frames - 1) // 4 + 1, size // 8, width // 8, device=device)
+    latents = latents.to(dtype)
+    inputs = {
+        "hidden_states": latents,
+        "timestep": torch.tensor([500], device=device),
+        "encoder_hidden_states": torch.randn(1, 512, 4096, device=device, dtype=dtype),
+    }
+    warmup = 1 if device.type == "cpu" else 3
+    resolution = f"{frames}x{size}x{width}"
+    row = {"model": name, "resolution": resolution, "dtype": str(dtype).removeprefix("torch.")}
+    row["note"] = f"step: 2 calls (CFG); the check: all {frames} frames"
+    with torch.inference_mode():
+        seconds, _ = measure(lambda: transformer(**inputs), device, repeats, warmup)
+        decoders = (("vae", vae),)  # no tiny decoder of Wan's latents in diffusers
+        return _check_costs(row, decoders, latents, step, device, repeats, warmup, 2 * seconds)
 
 
 def _cost_row(name, size, step, device, dtype, repeats) -> dict:
@@ -121,20 +237,13 @@ def _cost_row(name, size, step, device, dtype, repeats) -> dict:
     t = torch.tensor(500, device=device)
     warmup = 1 if device.type == "cpu" else 3
     row = {"model": name, "resolution": f"{size}²", "dtype": str(dtype).removeprefix("torch.")}
+    row["note"] = "step: 1 call, CFG batch of 2"
     with torch.inference_mode():
         denoise, _ = measure(
             lambda: unet(latents, t, encoder_hidden_states=text, **extra), device, repeats, warmup
         )
-        row["denoiser_step_ms"] = denoise * 1e3
-        one = latents[:1]
-        for decoder_name, decoder in (("taesd", taesd), ("vae", vae)):
-            check = EarlyCheck(LatentDecoder(decoder), step, threshold=0.8)
-            decode, _ = measure(lambda d=decoder: d.decode(one), device, repeats, warmup)
-            seconds, _ = measure(lambda c=check: c(one), device, repeats, warmup)
-            row[f"{decoder_name}_decode_ms"] = decode * 1e3
-            row[f"check_{decoder_name}_ms"] = seconds * 1e3
-            row[f"check_{decoder_name}_per_step"] = seconds / denoise
-    return row
+        decoders = (("taesd", taesd), ("vae", vae))
+        return _check_costs(row, decoders, latents[:1], step, device, repeats, warmup, denoise)
 
 
 def bench_calls(steps: int = 30, ats=(0.1, 0.3, 0.5, 0.7)):
@@ -234,7 +343,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checker", help="classifier: Hub id or folder (default: random)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--resolution", type=int, help="image size for the cost rows")
     parser.add_argument("--repeats", type=int, help="timed repeats (default: 1 CPU, 10 CUDA)")
     parser.add_argument("--skip-cost", action="store_true", help="only the calls rows")
@@ -265,9 +374,7 @@ def main() -> None:
             results["cost"] = bench_cost(args.models, checker, device, args.resolution, repeats)
     results["calls"] = bench_calls()
     print(f"\nMachine: {json.dumps(results['machine'])}")
-    print_table(
-        "One early check vs one denoiser step (CFG batch 2), one image", results.get("cost", [])
-    )
+    print_table("One early check vs one denoiser step, one image or video", results.get("cost", []))
     print_table(
         "Denoiser calls of a 30-step run stopped by a forced-high classifier", results["calls"]
     )
