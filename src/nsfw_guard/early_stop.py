@@ -104,8 +104,10 @@ class LatentDecoder(nn.Module):
 
     Undoes the latent scaling the way the pipelines do before ``vae.decode``, with the
     autoencoder's own config: ``latents * std / scaling_factor + mean`` where it has
-    ``latents_mean``/``latents_std``, else ``latents / scaling_factor + shift_factor``. A TAESD
-    ``AutoencoderTiny`` (scaling factor 1) takes the latents as they are.
+    ``latents_mean``/``latents_std`` (in its config, as Wan's, or as buffers, as LTX's), else
+    ``latents / scaling_factor + shift_factor``. A TAESD ``AutoencoderTiny`` (scaling factor 1)
+    takes the latents as they are. A VAE conditioned on a timestep (LTX 0.9.1 and later)
+    decodes at timestep 0, as its pipelines do by default.
 
     Example:
         >>> from nsfw_guard.testing import make_tiny_decoder
@@ -122,17 +124,24 @@ class LatentDecoder(nn.Module):
         mean, std = config.get("latents_mean"), config.get("latents_std")
         self.latents_mean = None if mean is None or std is None else torch.tensor(mean)
         self.latents_std = None if mean is None or std is None else torch.tensor(std)
+        self.timestep_conditioning = bool(config.get("timestep_conditioning"))
 
     def forward(self, latents: Tensor) -> Tensor:
         parameter = next(self.autoencoder.parameters())
         z = latents.to(parameter.dtype)
-        if self.latents_mean is not None:
+        mean, std = self.latents_mean, self.latents_std
+        if mean is None:  # LTX keeps them as buffers of its own
+            buffers = dict(self.autoencoder.named_buffers(recurse=False))
+            mean, std = buffers.get("latents_mean"), buffers.get("latents_std")
+        if mean is not None:
             shape = (1, -1) + (1,) * (z.ndim - 2)
-            mean = self.latents_mean.to(z.device, z.dtype).view(shape)
-            std = self.latents_std.to(z.device, z.dtype).view(shape)
+            mean = mean.to(z.device, z.dtype).view(shape)
+            std = std.to(z.device, z.dtype).view(shape)
             z = z * std / self.scaling_factor + mean
         else:
             z = z / self.scaling_factor + self.shift_factor
+        if self.timestep_conditioning:
+            return self.autoencoder.decode(z, z.new_zeros(z.shape[0]), return_dict=False)[0]
         return self.autoencoder.decode(z, return_dict=False)[0]
 
 

@@ -1,19 +1,24 @@
 """How a pipeline's latents reach its VAE, for checks while denoising.
 
-Pipelines hand their scheduler latents in one of four layouts, and turn them into what their VAE
+Pipelines hand their scheduler latents in one of five layouts, and turn them into what their VAE
 decodes in their own way after the loop; :func:`layout_of` reads which from the pipeline itself,
 and :meth:`LatentLayout.to_vae` does the same mid-run:
 
 - ``"image"``: ``[B, C, h, w]``, decoded as they are (SD, SDXL, SD3, PixArt, Sana, ...).
 - ``"packed"``: ``[B, h/2 * w/2, C * 4]`` tokens (Flux, Flux Kontext/Fill, Chroma, QwenImage,
   ...), unpacked by the pipeline's own ``_unpack_latents(latents, height, width,
-  vae_scale_factor)`` with the call's height and width (:func:`latent_size`).
+  vae_scale_factor)`` at the call's height and width.
 - ``"video"``: ``[B, C, F, h, w]`` (Wan, HunyuanVideo, Mochi, ...), decoded by a video VAE into
   ``[B, 3, F, H, W]``.
 - ``"video_frames_first"``: ``[B, F, C, h, w]`` (CogVideoX), permuted as its ``decode_latents``
   does.
+- ``"packed_video"``: LTX's patchified video tokens, unpacked by its own
+  ``_unpack_latents(latents, num_frames, height, width, patch_size, patch_size_t)`` at the call's
+  size in latents (its VAE's compression ratios) and its transformer's patch sizes.
 
-Packings of other shapes (LTX's patchified video tokens) are refused with the reason.
+The call's size is what the pipeline's ``prepare_latents`` was called with
+(:func:`call_size`): for Kontext it comes from the input image, not from the call's arguments.
+Packings of other shapes are refused with the reason.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["LAYOUTS", "LatentLayout", "latent_size", "layout_of"]
+__all__ = ["LAYOUTS", "LatentLayout", "call_size", "layout_of"]
 
-LAYOUTS = ("image", "packed", "video", "video_frames_first")
-_UNPACK_PARAMETERS = ["latents", "height", "width", "vae_scale_factor"]
+LAYOUTS = ("image", "packed", "video", "video_frames_first", "packed_video")
+_UNPACKS = {
+    ("latents", "height", "width", "vae_scale_factor"): "packed",
+    ("latents", "num_frames", "height", "width", "patch_size", "patch_size_t"): "packed_video",
+}
+_SIZES = ("height", "width", "num_frames")
 _FRAMES_FIRST = "permute(0, 2, 1, 3, 4)"  # CogVideoX's decode_latents, to [B, C, F, h, w]
 
 
@@ -38,8 +47,10 @@ class LatentLayout:
     Example:
         >>> import torch
         >>> from diffusers import FluxPipeline
+        >>> from types import SimpleNamespace
         >>> layout = LatentLayout("packed", FluxPipeline)
-        >>> layout.to_vae(torch.zeros(1, 16, 64), size=(64, 64), vae_scale_factor=8).shape
+        >>> pipe = SimpleNamespace(vae_scale_factor=8)
+        >>> layout.to_vae(torch.zeros(1, 16, 64), pipe, {"height": 64, "width": 64}).shape
         torch.Size([1, 16, 8, 8])
     """
 
@@ -47,19 +58,35 @@ class LatentLayout:
     pipeline: type | None = None
 
     @property
+    def packed(self) -> bool:
+        """Whether these latents are unpacked at the call's size (:func:`call_size`)."""
+        return self.kind in ("packed", "packed_video")
+
+    @property
     def video(self) -> bool:
         """Whether the VAE decodes these latents into videos ``[B, 3, F, H, W]``."""
-        return self.kind.startswith("video")
+        return self.kind in ("video", "video_frames_first", "packed_video")
 
-    def to_vae(
-        self, latents: Tensor, size: tuple[int, int] | None = None, vae_scale_factor: int = 8
-    ) -> Tensor:
-        """``latents`` as the pipeline hands them to its VAE (before its latent scaling):
-        unpacked with ``size``, the call's ``(height, width)`` in pixels, for ``"packed"``."""
+    def to_vae(self, latents: Tensor, pipe: Any, size: dict[str, int] | None = None) -> Tensor:
+        """``latents`` as ``pipe`` hands them to its VAE (before its latent scaling); packed
+        ones unpacked at ``size``, the call's ``height``, ``width`` (and ``num_frames``) in
+        pixels (:func:`call_size`)."""
+        if self.packed and not size:
+            raise ValueError("packed latents need the call's size to be unpacked")
         if self.kind == "packed":
-            if size is None:
-                raise ValueError("packed latents need the call's height and width to unpack")
-            return self.pipeline._unpack_latents(latents, *size, vae_scale_factor)
+            height, width = size["height"], size["width"]
+            return self.pipeline._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        if self.kind == "packed_video":
+            spatial = pipe.vae_spatial_compression_ratio
+            temporal = pipe.vae_temporal_compression_ratio
+            return self.pipeline._unpack_latents(
+                latents,
+                (size["num_frames"] - 1) // temporal + 1,
+                size["height"] // spatial,
+                size["width"] // spatial,
+                pipe.transformer_spatial_patch_size,
+                pipe.transformer_temporal_patch_size,
+            )
         if self.kind == "video_frames_first":
             return latents.permute(0, 2, 1, 3, 4)
         return latents
@@ -79,13 +106,13 @@ def layout_of(pipe: Any) -> LatentLayout:
     name = cls.__name__
     unpack = getattr(cls, "_unpack_latents", None)
     if unpack is not None:
-        parameters = list(inspect.signature(unpack).parameters)
-        if parameters != _UNPACK_PARAMETERS:
+        parameters = tuple(inspect.signature(unpack).parameters)
+        if parameters not in _UNPACKS:
             raise ValueError(
                 f"{name}'s latents are packed in a way nsfw-guard does not unpack "
                 f"({name}._unpack_latents({', '.join(parameters)}))"
             )
-        return LatentLayout("packed", cls)
+        return LatentLayout(_UNPACKS[parameters], cls)
     if "video_processor" not in vars(pipe):
         return LatentLayout("image")
     decode = getattr(cls, "decode_latents", None)
@@ -94,20 +121,24 @@ def layout_of(pipe: Any) -> LatentLayout:
     return LatentLayout("video")
 
 
-def latent_size(prepare_latents: Any, args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    """The ``(height, width)`` in pixels that a call of a pipeline's ``prepare_latents`` with
-    ``args`` and ``kwargs`` makes latents for; ``None`` where it takes no height and width.
+def call_size(prepare_latents: Any, args: tuple, kwargs: dict) -> dict[str, int] | None:
+    """The ``height`` and ``width`` (and ``num_frames``) in pixels that a call of a pipeline's
+    ``prepare_latents`` with ``args`` and ``kwargs`` makes latents for; ``None`` where it takes
+    no height and width.
 
     Example:
-        >>> def prepare_latents(batch_size, channels, height, width, dtype=None): ...
-        >>> latent_size(prepare_latents, (2, 16, 512), {"width": 768})
-        (512, 768)
+        >>> def prepare_latents(batch_size, channels, height, width, num_frames=9, dtype=None): ...
+        >>> call_size(prepare_latents, (2, 16, 512), {"width": 768})
+        {'height': 512, 'width': 768, 'num_frames': 9}
     """
     try:
-        arguments = inspect.signature(prepare_latents).bind(*args, **kwargs).arguments
-        return int(arguments["height"]), int(arguments["width"])
-    except (TypeError, ValueError, KeyError):
+        bound = inspect.signature(prepare_latents).bind(*args, **kwargs)
+    except (TypeError, ValueError):
         return None
+    bound.apply_defaults()
+    values = {name: bound.arguments.get(name) for name in _SIZES}
+    size = {name: int(value) for name, value in values.items() if value is not None}
+    return size if "height" in size and "width" in size else None
 
 
 def _source(function: Any) -> str:

@@ -46,7 +46,7 @@ from .check import from_unit_range
 from .denoising import scheduler_family, x0_estimate
 from .detector import NSFWDetector
 from .early_stop import EarlyCheck, EarlyCheckOutput, EarlyStop, decoder_for
-from .latent_layouts import LatentLayout, latent_size, layout_of
+from .latent_layouts import LatentLayout, call_size, layout_of
 from .levels import WORST_SCORES, NSFWLevel, check_threshold, parse_check_level
 from .pipeline_outputs import locate_images
 from .pipeline_support import PipelineSupport, pipeline_support
@@ -588,7 +588,7 @@ class _Denoising:
         self.scheduler = scheduler
         self.check = check
         self.layout = layout
-        self.size: tuple[int, int] | None = None  # the call's (height, width), packed latents
+        self.size: dict[str, int] | None = None  # the call's size, for packed latents
         self.steps_done = 0
         self.total: int | None = None
         self.checks_at: dict[int, float] = {}
@@ -620,7 +620,7 @@ class _Denoising:
         denoising = cls(guard, guard.pipe.scheduler, check, layout_of(guard.pipe))
         denoising._own_step = denoising.scheduler.__dict__.get("step")  # the user's, if any
         denoising.scheduler.__dict__["step"] = denoising._step
-        if denoising.layout.kind == "packed":
+        if denoising.layout.packed:
             denoising._own_prepare = guard.pipe.__dict__.get("prepare_latents")
             guard.pipe.__dict__["prepare_latents"] = denoising._prepare_latents
         return denoising
@@ -640,7 +640,7 @@ class _Denoising:
     def _prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
         pipe = self.guard.pipe
         prepare = self._own_prepare or functools.partial(type(pipe).prepare_latents, pipe)
-        self.size = latent_size(prepare, args, kwargs)
+        self.size = call_size(prepare, args, kwargs)
         return prepare(*args, **kwargs)
 
     def _step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args, **kwargs) -> Any:
@@ -683,8 +683,7 @@ class _Denoising:
             with torch.inference_mode():
                 model_output, timestep, sample, index, output = self._last[1]
                 x0 = x0_estimate(self.scheduler, model_output, timestep, sample, index, output)
-                scale = getattr(self.guard.pipe, "vae_scale_factor", 8)
-                result = self.check(self.layout.to_vae(x0, self.size, scale))
+                result = self.check(self.layout.to_vae(x0, self.guard.pipe, self.size))
         except Exception as error:
             self._fail(error)
             return None
