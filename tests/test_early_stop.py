@@ -412,7 +412,8 @@ def test_save_pretrained_keeps_the_early_stop_settings(tmp_path, level_checkpoin
     assert isinstance(g.early_stop.decoder, AutoencoderTiny) and g.early_stop.at == (0.3,)
     output, calls = _run(reloaded, reloaded.unet, **PROMPT)
     assert calls == 3 and (output.images == 0).all() and g.last[0].stopped_at == 2
-    assert guard(reloaded, early_stop=False).early_stop is None  # given settings win
+    again = guard(reloaded, model=reloaded.safety_checker, early_stop=False)  # given ones win
+    assert again.early_stop is None and again.checker.config.action == "blank"
     # A decoder that has no name to be loaded by: saving says what the reloaded guard does.
     guard(pipe, model=level_checkpoints["high"], early_stop=EarlyStop(decoder=make_tiny_decoder()))
     with pytest.warns(GuardWarning, match="decodes with its VAE unless given"):

@@ -460,7 +460,8 @@ def guard(
     :class:`NSFWDetector` whose weights (and dtype) are shared, or an :class:`NSFWSafetyChecker`
     (a reloaded pipeline's ``safety_checker``) whose weights are shared and whose saved
     settings, early stop included, are the defaults of those not given. ``None``: the
-    pipeline's own ``NSFWSafetyChecker``, if it has one, else ``Freepik/nsfw_image_detector``.
+    ``NSFWSafetyChecker`` of a pipeline reloaded with one (not guarded), else
+    ``Freepik/nsfw_image_detector``.
     The classifier runs on the pipeline's device, in bf16 on CUDA and float32 on CPUs without
     native bf16, whatever the pipeline's dtype. ``on_error="block"`` blanks and flags images
     whose check raised, with a warning; ``"raise"`` re-raises. Guarding a guarded pipeline
@@ -489,8 +490,9 @@ def guard(
     if refused:
         raise ValueError(f"nsfw-guard cannot guard {base.__name__}: {refused}.")
     saved = model
-    if model is None and isinstance(getattr(pipe, "safety_checker", None), NSFWSafetyChecker):
-        saved = pipe.safety_checker
+    own = getattr(pipe, "safety_checker", None)
+    if model is None and isinstance(own, NSFWSafetyChecker) and "_nsfw_guard" not in vars(pipe):
+        saved = own  # a reloaded pipeline's (a guarded one's guard is replaced, as it is)
     if not isinstance(saved, NSFWSafetyChecker):
         saved = None
     given = {
