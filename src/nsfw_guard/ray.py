@@ -21,6 +21,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -282,7 +283,22 @@ def _cluster(address: str | None) -> Iterator[None]:
     try:
         yield
     finally:
+        _join_ray_data_threads()
         ray.shutdown()
+
+
+_RAY_DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch")
+"""Ray Data's own threads in the driver: its scheduling loop and its metadata fetcher."""
+
+
+def _join_ray_data_threads(timeout: float = 60.0) -> None:
+    """Wait for Ray Data's threads to end. Its executor waits 2 s for them when it shuts down,
+    which a loaded machine can outlast; a call into Ray after ``ray.shutdown`` ends this process
+    with exit 1 (Ray's core worker), so the cluster is shut down only once they are gone."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name.startswith(_RAY_DATA_THREADS) and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _absolute(path: Path) -> Path:
