@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from timm.data import resolve_data_config
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -185,7 +186,16 @@ class Preprocess(nn.Module):
         return self._normalize(resized, scale, offset), verifiable
 
     def _resize(self, images: Tensor, size: list[int]) -> Tensor:
-        return TF.resize(images, size, interpolation=self._interpolation, antialias=True)
+        if images.dtype == torch.uint8 or len(size) == 1:  # Pillow's uint8 kernel on CPU
+            return TF.resize(images, size, interpolation=self._interpolation, antialias=True)
+        # What TF.resize runs for float images, without its early return for an image already
+        # at ``size``: a branch on the input's shape that torch.export would bake into the graph
+        # (a 448² input would then fail). At the same size, this resize is exactly the identity.
+        mode = self._interpolation.value
+        smooth = mode in ("bilinear", "bicubic")
+        return F.interpolate(
+            images, size, mode=mode, align_corners=False if smooth else None, antialias=smooth
+        )
 
     def _normalize(self, resized: Tensor, scale: Tensor | float, offset: Tensor | float) -> Tensor:
         """``(resized * scale + offset - mean) / std`` in one op, then the crop.
