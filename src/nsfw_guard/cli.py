@@ -221,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto"
     )
     serve.add_argument("--dtype", default="auto", choices=_DTYPES, help="default: auto")
+    _add_backend(serve)
     serve.add_argument(
         "--max-batch-size", type=int, default=16, help="requests per model batch (default: 16)"
     )
@@ -286,7 +287,69 @@ def _parser() -> argparse.ArgumentParser:
         help="the key the page needs (default: $NSFW_GUARD_API_KEY, else a new one each run)",
     )
     review.set_defaults(run=_run_review, command_parser=review)
+
+    export = commands.add_parser(
+        "export",
+        help="write the scoring graph as an ONNX file or a TensorRT engine",
+        description="Export the whole scoring graph (RGB pixels of any size → the four level "
+        "scores, resize and normalize included) with torch.export: --format onnx writes an "
+        "ONNX file with a dynamic batch, height and width (input 'images' [B, 3, H, W], output "
+        "'scores' [B, 4]), checked against PyTorch before it is kept; --format tensorrt also "
+        "builds a TensorRT engine from it (needs a CUDA GPU and the tensorrt package). Run the "
+        "ONNX file with --backend onnxruntime, or NSFWDetector(path, backend='onnxruntime').",
+        epilog="Examples:\n  nsfw-guard export --format onnx nsfw.onnx\n"
+        "  nsfw-guard export --format onnx --pixels uint8 nsfw-uint8.onnx\n"
+        "  nsfw-guard export --format tensorrt nsfw.engine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("out", type=Path, metavar="OUT", help="the file to write")
+    export.add_argument("--format", required=True, choices=("onnx", "tensorrt"))
+    export.add_argument(
+        "--pixels",
+        default="-1,1",
+        choices=("-1,1", "0,1", "0,255", "uint8"),
+        help="what the graph takes: float32 in this range (-1,1: what diffusers' VAE decodes) "
+        "or uint8 (default: -1,1)",
+    )
+    export.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})"
+    )
+    export.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    export.add_argument(
+        "--precision",
+        default="float16",
+        choices=("float16", "bfloat16", "float32"),
+        help="the TensorRT engine's precision (default: float16)",
+    )
+    export.set_defaults(run=_run_export, command_parser=export)
     return parser
+
+
+def _run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from .export import ExportError, build_tensorrt_engine, export_onnx
+    from .model import load_model
+    from .scoring import NSFWScorer
+
+    out = args.out
+    if out.is_dir() or not out.parent.is_dir():
+        parser.error(f"{out}: expected a file name in an existing folder")
+    onnx_path = out if args.format == "onnx" else out.with_suffix(".onnx")
+    if args.format == "tensorrt" and onnx_path == out:
+        parser.error(f"{out}: name the engine with another suffix, such as .engine")
+    try:
+        loaded = load_model(args.model, revision=args.revision, device="cpu", dtype=torch.float32)
+        scorer = NSFWScorer(loaded.model, loaded.data_config)
+        export_onnx(scorer, onnx_path, pixels=args.pixels, source=_model_name(args))
+        _say(f"wrote {onnx_path}")
+        if args.format == "tensorrt":
+            build_tensorrt_engine(onnx_path, out, dtype=getattr(torch, args.precision))
+            _say(f"wrote {out}")
+    except (OSError, ValueError, ExportError) as error:
+        _say(f"nsfw-guard: error: {_shown(str(error))}")
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -336,11 +399,17 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(f"--request-timeout {timeout}: expected a number of seconds above 0")
     if not 1024 <= args.port <= 65535:
         parser.error(f"--port {args.port}: expected 1024 to 65535")
+    _check_backend_options(args, parser)
+    from .export import read_metadata
     from .model import resolve_folder
 
     try:  # here, once: the worker then loads from the folder (or the Hub's cache)
-        model = str(resolve_folder(args.model, revision=args.revision))
-    except OSError as error:
+        if args.backend == "onnxruntime":
+            read_metadata(args.model)
+            model = os.path.abspath(args.model)
+        else:
+            model = str(resolve_folder(args.model, revision=args.revision))
+    except (OSError, ValueError) as error:
         _say(f"nsfw-guard: error: {_shown(str(error))}")
         return EXIT_USAGE
     with tempfile.TemporaryDirectory(prefix="nsfw-guard-metrics-") as metrics:
@@ -352,6 +421,8 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         settings = ServeSettings(
             model=model,
             dtype=None if args.dtype == "auto" else args.dtype,
+            backend=args.backend,
+            compile=_compile_option(args),
             level=args.level,
             threshold=args.threshold,
             action=args.action,
@@ -418,6 +489,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (default: auto)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    _add_backend(parser)
     parser.add_argument(
         "--max-frames",
         type=int,
@@ -428,7 +500,45 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime"),
+        help="torch: --model is a checkpoint (default). onnxruntime: --model is a file written "
+        "by `nsfw-guard export --format onnx`, run by ONNX Runtime (--dtype and --revision do "
+        "not apply)",
+    )
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="run the classifier through torch.compile, once per batch-size bucket (the "
+        "first batches wait for it); auto: on CUDA only (default: auto)",
+    )
+
+
+def _check_backend_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.backend == "onnxruntime":
+        given = [
+            option
+            for option, value in (
+                ("--dtype", args.dtype != "auto"),
+                ("--revision", args.revision is not None),
+                ("--compile", args.compile != "auto"),
+            )
+            if value
+        ]
+        if given:
+            parser.error(f"{' and '.join(given)}: for the torch backend, not onnxruntime")
+
+
+def _compile_option(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.compile]
+
+
 def _check_model_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    _check_backend_options(args, parser)
     if not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold {args.threshold}: expected a number in [0, 1]")
     if args.batch_size < 1:
@@ -451,6 +561,8 @@ def _load_detector(
             dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
             batch_size=args.batch_size,
             level=args.level,
+            backend=args.backend,
+            compile=_compile_option(args),
         )
     except (OSError, ValueError) as error:  # the model could not be loaded: say why, no usage
         _say(f"nsfw-guard: error: {_shown(str(error))}")
@@ -517,6 +629,8 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--actors {args.actors}: expected 1 or more")
     if ray_engine and args.censor_to is not None:
         parser.error("--censor-to writes copies on this machine: use it with --engine local")
+    if ray_engine and (args.backend != "torch" or args.compile != "auto"):
+        parser.error("--backend and --compile are for --engine local (Ray compiles on CUDA)")
     output = args.output
     if output.is_dir():
         parser.error(f"--output {output} is a folder; give a file name such as results.jsonl")
@@ -616,7 +730,7 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _model_name(args: argparse.Namespace) -> str:
     """What the records name the model by: its folder's real path, or its Hub id and revision."""
-    if Path(args.model).is_dir():
+    if Path(args.model).exists():  # a folder, or an exported file
         return os.path.realpath(args.model)
     return f"{args.model}@{args.revision}" if args.revision else args.model
 

@@ -13,7 +13,8 @@ from torch import Tensor
 from . import DEFAULT_MODEL
 from .inputs import is_single_image, iter_image_batches
 from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
-from .model import LoadedModel, load_model
+from .model import LoadedModel, default_device, load_model
+from .onnx_backend import BACKENDS, OnnxScorer
 from .scoring import NSFWScorer
 
 __all__ = ["NSFWDetector", "Prediction"]
@@ -49,6 +50,12 @@ class NSFWDetector:
             emulated and about 6x slower. Scores are always computed in float32.
         level: the level that :meth:`predict`'s ``is_nsfw`` and :meth:`is_nsfw` check by default.
         background: RGB in [0, 1] that transparent pixels are composited over (default white).
+        backend: ``"torch"`` runs a checkpoint; ``"onnxruntime"`` runs a file written by
+            ``nsfw-guard export --format onnx`` (``model_name`` is its path) on CPU or CUDA,
+            with the same API and the same preprocessing.
+        compile: run the classifier through ``torch.compile``, a compilation per batch-size
+            bucket, each logged once; ``None`` compiles on CUDA only (see
+            :class:`~nsfw_guard.scoring.NSFWScorer`). The torch backend only.
         batch_size: images per forward pass; longer inputs run in micro-batches, and a list's
             images are converted one at a time as their micro-batch runs.
 
@@ -75,11 +82,22 @@ class NSFWDetector:
         batch_size: int = 16,
         level: NSFWLevel | str | int = NSFWLevel.MEDIUM,
         background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        backend: str = "torch",
+        compile: bool | dict[str, Any] | None = None,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer.")
         self.level = parse_check_level(level)
         self.batch_size = batch_size
+        if backend == "onnxruntime":
+            self._check_onnx_options(dtype, revision, cache_dir, compile)
+            self.checkpoint = None
+            self.model = None
+            self.scorer = OnnxScorer(model_name, device or default_device(), background)
+            self.data_config = self.scorer.preprocess.config
+            return
+        if backend != "torch":
+            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}.")
         loaded: LoadedModel = load_model(
             model_name,
             revision=revision,
@@ -91,7 +109,7 @@ class NSFWDetector:
         self.checkpoint = loaded
         self.model = loaded.model
         self.data_config = loaded.data_config
-        self.scorer = NSFWScorer(loaded.model, loaded.data_config, background).to(
+        self.scorer = NSFWScorer(loaded.model, loaded.data_config, background, compile).to(
             next(loaded.model.parameters()).device
         )
 
@@ -108,6 +126,8 @@ class NSFWDetector:
         batch_size: int = 16,
         level: NSFWLevel | str | int = NSFWLevel.MEDIUM,
         background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        backend: str = "torch",
+        compile: bool | dict[str, Any] | None = None,
     ) -> NSFWDetector:
         """Load the detector from a Hub id (optionally at ``revision``) or a local folder.
 
@@ -128,17 +148,34 @@ class NSFWDetector:
             batch_size=batch_size,
             level=level,
             background=background,
+            backend=backend,
+            compile=compile,
         )
 
     @property
     def device(self) -> torch.device:
         """The device the model runs on."""
-        return next(self.model.parameters()).device
+        return self.scorer.preprocess.mean.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The model's weight dtype."""
-        return next(self.model.parameters()).dtype
+        """The model's weight dtype (float32 for an exported graph)."""
+        return torch.float32 if self.model is None else next(self.model.parameters()).dtype
+
+    @staticmethod
+    def _check_onnx_options(
+        dtype: torch.dtype | None,
+        revision: str | None,
+        cache_dir: str | os.PathLike | None,
+        compile: bool | dict[str, Any] | None,
+    ) -> None:
+        given = {"dtype": dtype, "revision": revision, "cache_dir": cache_dir, "compile": compile}
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value!r} applies to the torch backend; backend='onnxruntime' runs an "
+                    "exported .onnx file as it was exported."
+                )
 
     @torch.inference_mode()
     def preprocess(self, images: Any, value_range: str = "auto") -> Tensor:

@@ -451,6 +451,7 @@ def guard(
     pixelate_block_size: int | None = None,
     fill_color: tuple[float, float, float] | None = None,
     early_stop: bool | EarlyStop | None = None,
+    compile: bool | dict[str, Any] | None = None,
 ) -> Guard:
     """Check every image ``pipe`` generates; censor those at or above ``level`` with ``action``.
 
@@ -469,7 +470,8 @@ def guard(
     with a ValueError saying why. ``early_stop`` (``True`` or an :class:`EarlyStop`) checks the
     images while they are denoised and stops runs whose every image is already clearly flagged
     (see :class:`EarlyStop`); pipelines whose loop cannot be stopped are refused with a
-    ValueError saying why.
+    ValueError saying why. ``compile`` runs the classifier through ``torch.compile`` (see
+    :class:`~nsfw_guard.scoring.NSFWScorer`); ``None`` compiles on CUDA only.
 
     Example:
         >>> import tempfile
@@ -522,10 +524,16 @@ def guard(
         config = NSFWSafetyCheckerConfig(**{**saved.config.to_dict(), **settings})
         checker = NSFWSafetyChecker(config, model=saved.check_step.scorer.model, action=action)
     elif isinstance(model, NSFWDetector):  # share its weights, in its dtype
+        if model.checkpoint is None:
+            raise ValueError(
+                "guard() runs the PyTorch classifier in-graph on the pipeline's device; this "
+                "detector runs an exported ONNX file. Pass a checkpoint (a Hub id or folder)."
+            )
         settings["classifier_dtype"] = str(model.dtype).removeprefix("torch.")
         checker = NSFWSafetyChecker.from_loaded(model.checkpoint, **settings)
     else:
         checker = NSFWSafetyChecker.from_pretrained(model or DEFAULT_MODEL, **settings)
+    checker.check_step.scorer.compile = compile
     attached = Guard(pipe, checker, on_error, bool(keep_originals), early_stop)
     if early_stop is not None:
         refused = attached._denoising_refusal()

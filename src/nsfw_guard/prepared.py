@@ -251,7 +251,7 @@ def classify_prepared(
         >>> scores.shape, owners.tolist()
         (torch.Size([2, 4]), [0, 1])
     """
-    device = next(scorer.parameters()).device
+    device = scorer.preprocess.mean.device
     pixels = _concat([image.pixels for image in images], device)
     verifiable = torch.cat([image.verifiable for image in images])
     counts = torch.tensor([image.pixels.shape[0] for image in images])

@@ -83,6 +83,10 @@ class ServeSettings:
     model: str = DEFAULT_MODEL
     revision: str | None = None
     dtype: str | None = None
+    backend: str = "torch"
+    """``"onnxruntime"``: ``model`` is a file written by ``nsfw-guard export``."""
+    compile: bool | None = None
+    """``torch.compile`` the classifier; ``None``: on CUDA only."""
     level: str = "medium"
     threshold: float = 0.5
     action: str = "blur"
@@ -552,6 +556,8 @@ class ModerationAPI(ls.LitAPI):
             revision=settings.revision,
             device=device,
             dtype=getattr(torch, settings.dtype) if settings.dtype else None,
+            backend=settings.backend,
+            compile=settings.compile,
         )
         self.scorer = detector.scorer
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))

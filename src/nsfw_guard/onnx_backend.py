@@ -1,0 +1,100 @@
+"""Running an exported graph (``nsfw-guard export``) in ONNX Runtime, behind the scorer's API.
+
+:class:`OnnxScorer` has :class:`~nsfw_guard.scoring.NSFWScorer`'s interface (``preprocess``,
+``classify``, ``forward``), so the detector, ``scan``, ``check`` and ``serve`` run on it
+unchanged. Its ``preprocess`` is PyTorch's, rebuilt from the file's metadata, so images are
+resized as they are on the PyTorch backend; the file's own resize then sees the model's input
+size, where it is exactly the identity. Unlike the PyTorch backend it is not in-graph: each call
+copies the pixels to the host for ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .export import data_config_of, read_metadata
+from .levels import mark_unverifiable
+from .preprocess import Preprocess
+
+__all__ = ["BACKENDS", "OnnxScorer"]
+
+BACKENDS = ("torch", "onnxruntime")
+"""What runs the classifier: PyTorch (a checkpoint) or ONNX Runtime (an exported ``.onnx``)."""
+
+
+class OnnxScorer(nn.Module):
+    """An exported ``.onnx`` file run by ONNX Runtime: images → ``[B, 4]`` float32 scores.
+
+    ``device`` picks ONNX Runtime's provider: CPU, or CUDA (``onnxruntime-gpu``). Scores come
+    back on ``device``.
+
+    Example:
+        >>> import tempfile
+        >>> from nsfw_guard.export import export_onnx
+        >>> from nsfw_guard.model import load_model
+        >>> from nsfw_guard.scoring import NSFWScorer
+        >>> from nsfw_guard.testing import make_checkpoint
+        >>> loaded = load_model(make_checkpoint(tempfile.mkdtemp(), level="low"), device="cpu")
+        >>> path = export_onnx(
+        ...     NSFWScorer(loaded.model, loaded.data_config), f"{tempfile.mkdtemp()}/m.onnx"
+        ... )  # doctest: +SKIP
+        >>> OnnxScorer(path)(torch.rand(2, 3, 64, 64)).argmax(dim=1).tolist()  # doctest: +SKIP
+        [1, 1]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: torch.device | str = "cpu",
+        background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ):
+        super().__init__()
+        import onnxruntime
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"{self.path}: no such file; the onnxruntime backend runs a file written by "
+                "`nsfw-guard export --format onnx OUT`."
+            )
+        metadata = read_metadata(self.path)
+        self.pixels = metadata["pixels"]
+        self.source = metadata.get("source", "")
+        device = torch.device(device)
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise ValueError(
+                    "device='cuda' with the onnxruntime backend needs onnxruntime-gpu "
+                    "(pip install onnxruntime-gpu); this onnxruntime has only "
+                    f"{onnxruntime.get_available_providers()}."
+                )
+            options = {"device_id": device.index or 0}
+            providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+        elif device.type != "cpu":
+            raise ValueError(f"device={device}: the onnxruntime backend runs on 'cpu' or 'cuda'.")
+        self.session = onnxruntime.InferenceSession(str(self.path), providers=providers)
+        self.preprocess = Preprocess(data_config_of(metadata), background).to(device)
+
+    def forward(self, images: Tensor, value_range: str = "auto") -> Tensor:
+        pixels, verifiable = self.preprocess(images, value_range)
+        return self.classify(pixels, verifiable)
+
+    def classify(self, pixels: Tensor, verifiable: Tensor) -> Tensor:
+        """Scores for preprocessed float32 ``pixels`` and their ``verifiable`` mask."""
+        unit = pixels / self.preprocess.inv_std + self.preprocess.mean
+        (scores,) = self.session.run(None, {"images": _as_graph_input(unit, self.pixels)})
+        scores = torch.from_numpy(scores).to(pixels.device)
+        return mark_unverifiable(scores, verifiable)
+
+
+def _as_graph_input(unit: Tensor, pixels: str):
+    """``[0, 1]`` RGB as the numpy input of a graph that takes ``pixels``."""
+    if pixels == "uint8":
+        return (unit.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    low, high = (float(bound) for bound in pixels.split(","))
+    return (unit * (high - low) + low).to(torch.float32).cpu().numpy()
