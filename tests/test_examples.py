@@ -67,6 +67,13 @@ def test_generate_script_writes_censored_pngs_with_the_verdict(level_checkpoints
     assert len(result.stdout.splitlines()) == 4 and "FLAGGED" in result.stdout
 
 
+def test_readme_verdict_metadata_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(_readme_block("### Verdicts in image files"), namespace)
+    assert read_verdict(tmp_path / "out.webp")["action"] == "blur"
+
+
 def test_readme_early_stop_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

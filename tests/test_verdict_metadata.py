@@ -58,6 +58,17 @@ def test_save_with_verdict_round_trips_in_every_format_that_carries_one(tmp_path
         assert read_verdict(file) == CLEAN
 
 
+def test_the_verdict_is_ascii_json_read_from_the_headers_alone():
+    verdict = {**CLEAN, "model": "/models/modèle ü"}
+    buffer = io.BytesIO()
+    save_with_verdict(Image.new("RGB", (64, 64)), buffer, verdict, format="PNG")
+    with Image.open(buffer) as image:
+        assert image.text["nsfw-guard"].isascii()
+    # Its pixels cut short: the verdict, before them, is still read (they are never decoded).
+    cut = buffer.getvalue()[: buffer.getvalue().index(b"IDAT") + 10]
+    assert read_verdict(cut) == verdict
+
+
 def test_save_with_verdict_keeps_the_callers_own_metadata(tmp_path):
     text = PngInfo()
     text.add_text("prompt", "a lighthouse")
