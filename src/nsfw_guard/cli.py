@@ -481,7 +481,8 @@ def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             if record["sampled"]:
                 verdict += f" (sampled: {record['frames_checked']} of {record['frames']} frames)"
             line = f"{where}\t{record['level']}\t{scores}\t{verdict}"
-            recorded = _recorded_verdict(by_key[record_key(record)])
+            item = by_key.get(record_key(record))
+            recorded = _recorded_verdict(item) if item is not None else None
             _say(line + (f"\t{recorded}" if recorded else ""), sys.stdout)
 
     detector = _load_detector(args, parser)

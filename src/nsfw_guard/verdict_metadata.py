@@ -239,8 +239,9 @@ def save_with_verdict(
     fmt = (format or "").upper()
     options = verdict_save_options(fmt, verdict, params)
     if options is None:
+        what = f"format {fmt}" if fmt else "a file name without an image extension"
         raise ValueError(
-            f"format {format!r} cannot carry an nsfw-guard verdict; use one of "
+            f"{what} cannot carry an nsfw-guard verdict; use one of "
             f"{', '.join(VERDICT_FORMATS)} (a file name ending in .png, .jpg, .webp, ...)"
         )
     image.save(fp, format=fmt, **options)
