@@ -1,7 +1,8 @@
 """Generate images with any diffusers text-to-image model, guarded by nsfw-guard.
 
 Each image is censored per --level / --action and saved as a PNG whose metadata holds the
-verdict (level, scores, flagged). Examples:
+prompt and nsfw-guard's verdict (level, scores, flagged, action, model: see the README's
+"Verdicts in image files"; `nsfw-guard check` shows it). Examples:
 
     python examples/generate.py "a lighthouse at dusk" "a bowl of fruit" \
         --model-id stabilityai/sdxl-turbo --steps 1 --guidance 0 --out outputs/
@@ -11,14 +12,13 @@ verdict (level, scores, flagged). Examples:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoPipelineForText2Image
 from PIL.PngImagePlugin import PngInfo
 
-from nsfw_guard import DEFAULT_MODEL, guard
+from nsfw_guard import DEFAULT_MODEL, guard, make_verdict, save_with_verdict
 
 
 def main() -> None:
@@ -58,19 +58,20 @@ def main() -> None:
     for index, (image, prompt, result) in enumerate(
         zip(images, prompts, checker.last, strict=True)
     ):
-        verdict = {
-            "level": result.level.value,
-            "scores": {level.value: round(score, 6) for level, score in result.scores.items()},
-            "flagged": result.flagged,
-            "action": args.action if result.flagged else None,
-            "checked_at": {"level": args.level, "threshold": args.threshold},
-            "reason": result.reason,
-        }
-        metadata = PngInfo()
-        metadata.add_text("prompt", prompt)
-        metadata.add_text("nsfw-guard", json.dumps(verdict))
+        verdict = make_verdict(
+            model=args.checker,
+            level=result.level,
+            scores=result.scores,
+            flagged=result.flagged,
+            check_level=checker.level,
+            threshold=checker.threshold,
+            action=args.action if result.flagged else None,
+            reason=result.reason,
+        )
+        text = PngInfo()
+        text.add_text("prompt", prompt)
         path = args.out / f"{index:04d}.png"
-        image.save(path, pnginfo=metadata)
+        save_with_verdict(image, path, verdict, pnginfo=text)
         mark = "FLAGGED" if result.flagged else "ok"
         print(f"{path}\t{result.level.value}\t{mark}\t{prompt}")
 

@@ -1,6 +1,5 @@
 """The README's offline diffusers example and examples/generate.py, run for real."""
 
-import json
 import re
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from nsfw_guard import read_verdict
 from nsfw_guard.testing import make_tiny_pipeline
 
 ROOT = Path(__file__).parent.parent
@@ -57,12 +57,21 @@ def test_generate_script_writes_censored_pngs_with_the_verdict(level_checkpoints
     assert [p.name for p in paths] == ["0000.png", "0001.png", "0002.png", "0003.png"]
     for path, prompt in zip(paths, ["a cat", "a cat", "a dog", "a dog"], strict=True):
         with Image.open(path) as image:
-            verdict = json.loads(image.text["nsfw-guard"])
             assert image.text["prompt"] == prompt
             assert image.getextrema() == ((0, 0), (0, 0), (0, 0))
+        verdict = read_verdict(path)  # the format scan's copies and serve's answers carry
         assert verdict["level"] == "high" and verdict["flagged"] is True
         assert verdict["scores"]["high"] > 0.99 and verdict["action"] == "blank"
+        assert verdict["model"] == str(level_checkpoints["high"])
+        assert (verdict["check_level"], verdict["threshold"]) == ("medium", 0.5)
     assert len(result.stdout.splitlines()) == 4 and "FLAGGED" in result.stdout
+
+
+def test_readme_verdict_metadata_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(_readme_block("### Verdicts in image files"), namespace)
+    assert read_verdict(tmp_path / "out.webp")["action"] == "blur"
 
 
 def test_readme_early_stop_example(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from nsfw_guard.cli import (
 )
 from nsfw_guard.copies import MANIFEST_NAME
 from nsfw_guard.scan import RECORD_FIELDS, find_images, read_records
+from nsfw_guard.verdict_metadata import read_verdict
 
 from .conftest import PHOTO_PATHS
 
@@ -168,7 +169,13 @@ def test_censor_to_writes_copies_and_never_touches_originals(
         assert image.convert("RGB").getextrema() == ((0, 0), (0, 0), (0, 0))
     with Image.open(target / "photo.jpg") as image:
         assert image.format == "JPEG"
-        assert json.loads(image.getexif()[0x010E])["flagged"] is True
+    # Each copy's metadata: its verdict, the model that made it, the action that censored it.
+    for name in ("a/nested.png", "photo.jpg", "animated.gif"):
+        verdict = read_verdict(target / name)
+        assert (verdict["level"], verdict["flagged"], verdict["action"]) == ("high", True, "blank")
+        assert verdict["model"] == os.path.realpath(model)
+        assert (verdict["check_level"], verdict["threshold"]) == ("medium", 0.5)
+    assert read_verdict(target / "animated.gif")["frames"] > 1
     with Image.open(target / "animated.gif") as image:  # identical blank frames merge
         assert image.format == "GIF" and image.convert("RGB").getextrema()[0] == (0, 0)
 

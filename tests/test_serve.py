@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from nsfw_guard import NSFWDetector
+from nsfw_guard import NSFWDetector, read_verdict
 
 from .conftest import PHOTO_PATHS
 from .processes import descendants, wait_gone
@@ -178,7 +178,7 @@ def test_level_and_threshold_per_request(server):
     assert not nothing["flagged"] and nothing["level"] == "neutral"
 
 
-def test_censor_returns_the_censored_image_or_the_original(server):
+def test_censor_returns_the_censored_image_or_the_original(server, sharp_checkpoint):
     photo = PHOTO_PATHS[0]
     data = photo.read_bytes()
     files = {"image": (photo.name, data, "image/jpeg")}
@@ -190,6 +190,11 @@ def test_censor_returns_the_censored_image_or_the_original(server):
     with Image.open(io.BytesIO(flagged.content)) as image, Image.open(photo) as original:
         assert image.size == original.size and image.format == "JPEG"
         assert max(image.convert("L").getextrema()) <= 8  # blanked black
+    # The verdict in the image's metadata too, with the model and the action.
+    verdict = read_verdict(flagged.content)
+    assert (verdict["flagged"], verdict["action"], verdict["threshold"]) == (True, "blank", 0.0)
+    assert verdict["model"] == os.path.realpath(sharp_checkpoint)
+    assert verdict["level"] == flagged.headers["x-nsfw-level"]
     clean = post(server, "/v1/censor?threshold=1", files=files)
     assert clean.headers["x-nsfw-flagged"] == "false"
     assert clean.content == data  # byte for byte
@@ -398,6 +403,7 @@ def test_an_image_that_cannot_be_censored_in_its_format_fails_no_request_batched
     assert censored.headers["x-nsfw-flagged"] == "true"
     with Image.open(io.BytesIO(censored.content)) as image:
         assert image.format == "PNG" and image.size == (64, 48)
+    assert read_verdict(censored.content)["action"] == "blur"  # the PNG carries the verdict
     for i, response in enumerate(responses):
         photo = photos[i % len(photos)]
         if i == poisoned:

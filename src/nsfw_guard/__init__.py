@@ -23,6 +23,9 @@ _EXPORTS = {
     "GuardWarning": ".pipelines",
     "guard": ".pipelines",
     "unguard": ".pipelines",
+    "make_verdict": ".verdict_metadata",
+    "read_verdict": ".verdict_metadata",
+    "save_with_verdict": ".verdict_metadata",
 }
 
 __all__ = [*_EXPORTS, "DEFAULT_MODEL", "__version__"]
@@ -39,6 +42,9 @@ if TYPE_CHECKING:
     from .pipelines import guard as guard
     from .pipelines import unguard as unguard
     from .safety_checker import NSFWSafetyChecker as NSFWSafetyChecker
+    from .verdict_metadata import make_verdict as make_verdict
+    from .verdict_metadata import read_verdict as read_verdict
+    from .verdict_metadata import save_with_verdict as save_with_verdict
 
 
 def __getattr__(name: str) -> Any:

@@ -172,8 +172,11 @@ def _parser() -> argparse.ArgumentParser:
         help="print each image's level and scores",
         description="Print one line per image: its level, its four scores and whether it is "
         "flagged at --level, the same verdict scan gives (an animation: its worst checked "
-        "frame). A missing, unreadable or non-image path gets an error line. Exit code 1 if "
-        "any image is flagged, 3 if a path could not be checked, 130 if stopped.",
+        "frame), then, when the file's metadata holds a verdict nsfw-guard wrote (a censored "
+        "copy's, a generated image's), what it says ('recorded: level=high FLAGGED "
+        "censored=blur at=medium/0.5 model=...'), never in place of the fresh verdict. A "
+        "missing, unreadable or non-image path gets an error line. Exit code 1 if any image "
+        "is flagged, 3 if a path could not be checked, 130 if stopped.",
         epilog="Examples:\n  nsfw-guard check photo.jpg\n"
         "  nsfw-guard check --level high --threshold 0.7 *.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -570,12 +573,14 @@ def _load_detector(
 
 
 def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .records import record_key
     from .scan import find_images, scan
 
     _check_frames(args, parser)
     inputs = find_images(args.images, recursive=False, folders=False)
     order = {str(path): i for i, path in enumerate(args.images)}
     inputs.sort(key=lambda item: order.get(str(item.path), len(order)))  # as given
+    by_key = {item.key: item for item in inputs}
 
     def show(records: list[dict[str, Any]]) -> None:
         for record in records:
@@ -587,7 +592,10 @@ def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             verdict = "FLAGGED" if record["flagged"] else "ok"
             if record["sampled"]:
                 verdict += f" (sampled: {record['frames_checked']} of {record['frames']} frames)"
-            _say(f"{where}\t{record['level']}\t{scores}\t{verdict}", sys.stdout)
+            line = f"{where}\t{record['level']}\t{scores}\t{verdict}"
+            item = by_key.get(record_key(record))
+            recorded = _recorded_verdict(item) if item is not None else None
+            _say(line + (f"\t{recorded}" if recorded else ""), sys.stdout)
 
     detector = _load_detector(args, parser)
     summary = scan(
@@ -599,6 +607,31 @@ def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if summary.errors:
         return EXIT_FILE_ERRORS
     return EXIT_FLAGGED if summary.flagged else EXIT_OK
+
+
+def _recorded_verdict(item: Any) -> str | None:
+    """What the verdict in ``item``'s metadata says, for `check` to show beside its own (never
+    instead: anyone can write any verdict into a file); ``None`` when it has none."""
+    from .sources import read_input
+    from .verdict_metadata import read_verdict
+
+    try:
+        verdict = read_verdict(read_input(item))
+    except (OSError, ValueError) as error:  # VerdictMetadataError: forged or damaged
+        return f"recorded: unreadable ({_shown(str(error))})"
+    if verdict is None:
+        return None
+    said = [f"level={verdict['level']}"]
+    if not verdict["flagged"]:
+        said.append("ok")
+    elif verdict["action"] in (None, "none"):
+        said.append("FLAGGED not-censored")
+    else:
+        said.append(f"FLAGGED censored={verdict['action']}")
+    said.append(f"at={verdict['check_level']}/{verdict['threshold']:g}")
+    if verdict["model"] is not None:
+        said.append(f"model={_shown(verdict['model'])}")
+    return "recorded: " + " ".join(said)
 
 
 def _check_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,7 +12,7 @@ can leave a hidden ``.nsfw-guard-*.tmp`` file, never read).
 Copies are made from the bytes that were decoded and checked (never by reading the file again):
 clean ones byte for byte, flagged ones censored frame by frame with the check step's action, in
 the same format where Pillow can write it in color (else PNG, under the same name), with the
-verdict in their metadata.
+verdict in their metadata (:mod:`nsfw_guard.verdict_metadata`).
 """
 
 from __future__ import annotations
@@ -24,19 +24,19 @@ import os
 import stat
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from .check import CheckStep
 from .decode import iter_frames
 from .inputs import to_image_batches
 from .preprocess import WHITE, composite_alpha, to_unit_range
+from .verdict_metadata import validate_verdict, verdict_save_options
 
 __all__ = ["MANIFEST_NAME", "CopyConflict", "CopyFolder", "save_censored"]
 
@@ -138,11 +138,11 @@ class CopyFolder:
         self._write(relative, lambda path: path.write_bytes(data), censored=False)
 
     def write_censored(
-        self, relative: Path, data: bytes, step: CheckStep, verdict: dict[str, Any]
+        self, relative: Path, data: bytes, step: CheckStep, verdict: Mapping[str, Any]
     ) -> None:
         """Write the censored copy of the image in ``data`` (every frame) to ``folder/relative``,
-        with ``verdict`` in its metadata."""
-        save = functools.partial(save_censored, data, step=step, verdict=json.dumps(verdict))
+        with ``verdict`` (:func:`~nsfw_guard.verdict_metadata.make_verdict`) in its metadata."""
+        save = functools.partial(save_censored, data, step=step, verdict=verdict)
         self._write(relative, save, censored=True)
 
     def _write(self, relative: Path, save: Callable[[Path], Any], censored: bool) -> None:
@@ -219,11 +219,15 @@ class CopyFolder:
         return entries
 
 
-def save_censored(data: bytes, path: Path | BinaryIO, step: CheckStep, verdict: str) -> str:
+def save_censored(
+    data: bytes, path: Path | BinaryIO, step: CheckStep, verdict: Mapping[str, Any]
+) -> str:
     """Censor every frame of the image in ``data`` with ``step``'s action and save it to
     ``path`` (a file name or a binary file), one frame in memory as floats at a time, in the
     image's own format where Pillow can write RGB in it (else PNG: an XBM, MSP or BLP image, a
-    format Pillow only reads), with ``verdict`` in its metadata. Returns the format written."""
+    format Pillow only reads), with ``verdict`` (:func:`~nsfw_guard.verdict_metadata.make_verdict`)
+    in its metadata where the format can carry it. Returns the format written."""
+    verdict = validate_verdict(verdict)  # a bad verdict fails here, not as a format Pillow lacks
     frames = []
     for frame in iter_frames(data):
         batch = to_image_batches(frame)[0]
@@ -250,18 +254,10 @@ def save_censored(data: bytes, path: Path | BinaryIO, step: CheckStep, verdict: 
     return fmt
 
 
-def _encode(frames: list[Image.Image], fmt: str, verdict: str, duration: float) -> bytes:
-    """``frames`` (RGB) as a file in ``fmt``, with ``verdict`` in its metadata."""
-    options: dict[str, Any] = {"format": fmt}
-    if fmt == "PNG":
-        options["pnginfo"] = PngInfo()
-        options["pnginfo"].add_text("nsfw-guard", verdict)
-    elif fmt == "GIF":
-        options["comment"] = verdict.encode()
-    elif fmt not in ("ICO", "ICNS"):
-        exif = Image.Exif()
-        exif[0x010E] = verdict  # ImageDescription
-        options["exif"] = exif
+def _encode(frames: list[Image.Image], fmt: str, verdict: dict[str, Any], duration: float) -> bytes:
+    """``frames`` (RGB) as a file in ``fmt``, with ``verdict`` in its metadata where ``fmt``
+    can carry it."""
+    options = verdict_save_options(fmt, verdict, {"format": fmt}) or {"format": fmt}
     if fmt in ("JPEG", "WEBP"):
         options["quality"] = 95
     first, rest = frames[0], frames[1:]

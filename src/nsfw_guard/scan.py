@@ -34,6 +34,7 @@ from .preprocess import DataConfig, Preprocess
 from .records import RECORD_FIELDS, RecordFile, part_path, part_paths, read_records, record_key
 from .scoring import NSFWScorer
 from .sources import IMAGE_EXTENSIONS, ScanInput, find_images, read_input
+from .verdict_metadata import make_verdict
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -537,11 +538,30 @@ def _write_copy(
     data = item["data"].numpy().tobytes()
     try:
         if wanted == "censored":
-            settings.copies.write_censored(source.relative, data, step, record)
+            verdict = _copy_verdict(record, settings, step.action)
+            settings.copies.write_censored(source.relative, data, step, verdict)
         else:
             settings.copies.write_bytes(source.relative, data)
     except Exception as error:
         record["error"] = f"copy not written: {type(error).__name__}: {error}"
+
+
+def _copy_verdict(
+    record: dict[str, Any], settings: ScanSettings, action: censor.Action
+) -> dict[str, Any]:
+    """What a censored copy carries in its metadata: ``record``'s verdict, the model that
+    made it and the action that censored the copy."""
+    return make_verdict(
+        model=record["model"],
+        level=record["level"],
+        scores={name: record[name] for name in ("neutral", "low", "medium", "high")},
+        flagged=record["flagged"],
+        check_level=settings.level,
+        threshold=settings.threshold,
+        action=action,
+        frames=record["frames"],
+        frames_checked=record["frames_checked"],
+    )
 
 
 def check_items(

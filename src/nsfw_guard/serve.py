@@ -693,10 +693,21 @@ class ModerationAPI(ls.LitAPI):
                 data, media_type=Image.MIME.get(fmt, "application/octet-stream"), headers=headers
             )
         from .copies import save_censored
+        from .verdict_metadata import make_verdict
 
         buffer = io.BytesIO()
-        record = {**verdict, "model": self.settings.model_name}
-        written = save_censored(data, buffer, self.steps[job.action], json.dumps(record))
+        recorded = make_verdict(
+            model=self.settings.model_name,
+            level=verdict["level"],
+            scores=verdict["scores"],
+            flagged=verdict["flagged"],
+            check_level=job.level,
+            threshold=job.threshold,
+            action=job.action,
+            frames=verdict["frames"],
+            frames_checked=verdict["frames_checked"],
+        )
+        written = save_censored(data, buffer, self.steps[job.action], recorded)
         headers["X-NSFW-Action"] = job.action
         media_type = Image.MIME.get(written, "application/octet-stream")
         return Response(buffer.getvalue(), media_type=media_type, headers=headers)
