@@ -201,6 +201,7 @@ def test_scan_engine_ray_gives_the_local_records(cluster, sharp_checkpoint, tmp_
     assert got[(str(inputs / "a.tar"), "9999.jpg")]["error"].startswith("UnidentifiedImage")
 
 
+@pytest.mark.processes
 def test_a_killed_ray_scan_resumes(cluster, sharp_checkpoint, tmp_path, capsys):
     """A scan on its own local cluster, killed (SIGKILL, with its Ray processes) mid-way: the
     records written are kept, and --resume scans exactly the rest."""
@@ -221,6 +222,7 @@ def test_a_killed_ray_scan_resumes(cluster, sharp_checkpoint, tmp_path, capsys):
     assert sorted(r["member"] for r in records) == [name for name, _ in images]
 
 
+@pytest.mark.processes
 def test_a_ray_scan_stops_on_sigterm_after_the_batch_in_flight(sharp_checkpoint, tmp_path):
     """SIGTERM (or Ctrl-C) stops a Ray scan as it stops a local one: records kept, exit 130, the
     command that continues, and the local cluster it started shut down."""

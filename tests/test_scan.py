@@ -197,6 +197,7 @@ def test_censor_to_copies_clean_images_only_when_asked(level_checkpoints, tmp_pa
     assert "would replace" in capsys.readouterr().err
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_resume_after_a_killed_scan_gives_one_record_per_input(level_checkpoints, tmp_path, kill):
     """SIGKILL loses at most the batch in flight; Ctrl-C and SIGTERM stop after it, say how many
@@ -261,6 +262,7 @@ def test_resume_rescans_changed_files(level_checkpoints, tmp_path, capsys):
     assert changed["mtime"] == 1 and changed["bytes"] == (source / "1.jpg").stat().st_size
 
 
+@pytest.mark.processes
 def test_two_processes_give_the_same_records_as_one(folder, level_checkpoints, tmp_path):
     model = str(level_checkpoints["low"])
     single = tmp_path / "single.jsonl"

@@ -387,6 +387,7 @@ def test_a_second_writer_of_one_output_is_refused(level_checkpoints, tmp_path, c
     assert read_records(output) == []  # the holder's run, which wrote nothing, is intact
 
 
+@pytest.mark.processes
 def test_a_killed_torchrun_scan_resumes_from_its_part_files(level_checkpoints, tmp_path, capsys):
     source = tmp_path / "many"
     source.mkdir()
@@ -417,6 +418,7 @@ def test_a_killed_torchrun_scan_resumes_from_its_part_files(level_checkpoints, t
     assert not any(p.exists() for p in parts)
 
 
+@pytest.mark.processes
 def test_a_killed_multi_process_scan_resumes_from_its_part_files(
     level_checkpoints, tmp_path, capsys
 ):

@@ -729,6 +729,7 @@ def test_the_worker_takes_one_request_at_a_time_without_batching(sharp_checkpoin
     assert scores_of(result) == pytest.approx(expected[photo.name], abs=1e-4)
 
 
+@pytest.mark.processes
 def test_serve_stops_with_one_clear_line_when_its_model_worker_dies(sharp_checkpoint):
     """A model worker killed (the OOM killer, a driver crash): the server goes down, exit 4 with
     what happened, no traceback, no process left."""
