@@ -36,7 +36,25 @@ class _NoSync:
 
 def _step(checkpoint, **settings) -> CheckStep:
     loaded = load_model(checkpoint, device=CUDA)
-    return CheckStep(NSFWScorer(loaded.model, loaded.data_config), **settings).to(CUDA)
+    scorer = NSFWScorer(loaded.model, loaded.data_config, compile=False)
+    return CheckStep(scorer, **settings).to(CUDA)
+
+
+def test_the_classifier_is_compiled_by_default_and_reads_nothing_back(sharp_checkpoint, caplog):
+    """On CUDA the default compiles, once per batch bucket (3 runs as 4), logs it once, and the
+    compiled scores are eager's within bf16's rounding."""
+    compiled = NSFWDetector(sharp_checkpoint, device=CUDA)
+    eager = NSFWDetector(sharp_checkpoint, device=CUDA, compile=False)
+    images = torch.rand(4, 3, 512, 512, device=CUDA) * 2 - 1
+    with caplog.at_level("INFO", logger="nsfw_guard"):
+        three = compiled.scores(images[:3], "-1,1")
+        four = compiled.scores(images, "-1,1")
+    logged = [r.message for r in caplog.records if "compiled the classifier" in r.message]
+    assert len(logged) == 1 and "batches of 4" in logged[0]
+    expected = eager.scores(images, "-1,1")
+    assert (four - expected).abs().max() <= 2e-2 and (three - expected[:3]).abs().max() <= 2e-2
+    with torch.inference_mode(), _NoSync():
+        compiled.scorer(images, "-1,1")
 
 
 def test_the_check_step_reads_nothing_back(sharp_checkpoint):
