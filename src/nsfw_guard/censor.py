@@ -22,10 +22,12 @@ __all__ = [
     "apply",
     "blank",
     "blur",
+    "censor_regions",
     "check_action",
     "check_color",
     "check_params",
     "pixelate",
+    "region_alpha",
 ]
 
 Action = str | Callable[[Tensor], Tensor]
@@ -35,6 +37,11 @@ ACTIONS = ("blur", "pixelate", "blank", "none")
 DEFAULT_BLUR_RADIUS = 0.08
 DEFAULT_PIXELATE_CELLS = 12
 """Without a ``block_size``, ``pixelate`` makes blocks 1/12 of the image's longer side."""
+REGION_SHAPES = ("rect", "ellipse")
+"""How a region grows by its margin: a square (``"rect"``) or a disc (``"ellipse"``)."""
+DEFAULT_REGION_MARGIN = 0.05
+# Region masks are grown and feathered on a grid this many cells along the image's longer side.
+_REGION_GRID = 128
 # The blur runs at a size where its Gaussian has this sigma, then is scaled back up.
 _WORKING_SIGMA = 2.0
 
@@ -208,3 +215,94 @@ def apply(images: Tensor, mask: Tensor, action: Action, **params: Any) -> Tensor
             f"{tuple(images.shape)}; it must keep the shape."
         )
     return torch.where(mask[:, None, None, None], censored.to(images.dtype), images)
+
+
+def region_alpha(
+    region_map: Tensor,
+    threshold: float,
+    size: Sequence[int],
+    margin: float = DEFAULT_REGION_MARGIN,
+    shape: str = "rect",
+    feather: float = 0.0,
+) -> Tensor:
+    """How much of each pixel to censor, ``[B, 1, H, W]`` in [0, 1], from a ``[B, 1, h, w]``
+    map of scores (any grid, stretched over the image ``size``).
+
+    The cells of the map whose value is ``>= threshold`` (NaN counts as 1), whole, grown by
+    ``margin`` (a fraction of the longer side; ``shape`` ``"rect"`` grows square, ``"ellipse"``
+    round), get 1. ``feather`` (a fraction of the longer side, the sigma of a Gaussian) adds a
+    soft edge outside that, never inside. Fail closed: an image with no value at or above the
+    threshold gets 1 everywhere. In-graph: no host sync, no branch on values.
+
+    Example:
+        >>> region_map = torch.zeros(2, 1, 4, 4)
+        >>> region_map[0, 0, 0, 0] = 0.9
+        >>> alpha = region_alpha(region_map, 0.5, (64, 64), margin=0.0)
+        >>> alpha[0, 0, :16, :16].min().item(), alpha[0, 0, 32:, 32:].max().item()
+        (1.0, 0.0)
+        >>> alpha[1].min().item()  # nothing above the threshold: all of it
+        1.0
+    """
+    _check_region_params(margin, shape, feather)
+    height, width = int(size[0]), int(size[1])
+    scale = min(1.0, _REGION_GRID / max(height, width))
+    grid = [max(1, round(height * scale)), max(1, round(width * scale))]
+    # Thresholded per cell of the map, then spread over each cell's whole area: a cell at or
+    # above the threshold is censored entirely (a bilinear map would shrink it).
+    hot = (region_map.float().nan_to_num(nan=1.0) >= threshold).float()
+    hot = TF.resize(hot, grid, interpolation=InterpolationMode.NEAREST_EXACT)
+    empty = hot.flatten(1).amax(dim=1) == 0
+    hot = torch.where(empty[:, None, None, None], torch.ones_like(hot), hot)
+    reach = round(margin * max(grid))
+    if reach > 0:
+        hot = _dilate(hot, reach, shape)
+    if feather > 0:
+        sigma = feather * max(grid)
+        half = math.ceil(3 * sigma)
+        padded = torch.nn.functional.pad(hot, [half] * 4)  # zeros: the edge fades out too
+        soft = TF.gaussian_blur(padded, [2 * half + 1] * 2, [sigma] * 2)[
+            ..., half:-half, half:-half
+        ]
+        hot = torch.maximum(hot, soft)
+        return TF.resize(hot, [height, width], interpolation=InterpolationMode.BILINEAR)
+    full = TF.resize(hot, [height, width], interpolation=InterpolationMode.BILINEAR)
+    return (full >= 0.5).float()
+
+
+def censor_regions(images: Tensor, censored: Tensor, alpha: Tensor) -> Tensor:
+    """``censored`` where ``alpha`` ([B, 1, H, W]) is 1, ``images`` where it is 0, blended
+    between; pixels with ``alpha`` 0 are ``images``' bit for bit.
+
+    Example:
+        >>> images, alpha = torch.rand(1, 3, 4, 4), torch.zeros(1, 1, 4, 4)
+        >>> alpha[..., :2] = 1.0
+        >>> out = censor_regions(images, torch.zeros_like(images), alpha)
+        >>> out[..., :2].max().item(), torch.equal(out[..., 2:], images[..., 2:])
+        (0.0, True)
+    """
+    alpha = alpha.to(images.dtype)
+    blended = torch.lerp(images, censored.to(images.dtype), alpha)
+    return torch.where(alpha > 0, blended, images)
+
+
+def _dilate(mask: Tensor, reach: int, shape: str) -> Tensor:
+    """Grow a ``[B, 1, h, w]`` 0/1 mask by ``reach`` cells, as a square or a disc."""
+    if shape == "rect":
+        return torch.nn.functional.max_pool2d(mask, 2 * reach + 1, stride=1, padding=reach)
+    offsets = torch.arange(-reach, reach + 1, device=mask.device, dtype=mask.dtype)
+    disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= reach**2 + 0.5).to(mask.dtype)
+    grown = torch.nn.functional.conv2d(mask, disc[None, None], padding=reach)
+    return (grown > 0.5).to(mask.dtype)
+
+
+def _check_region_params(margin: float, shape: str, feather: float) -> None:
+    for name, value in (("margin", margin), ("feather", feather)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(
+                f"region {name}={value!r}: expected a fraction of the image's longer side in "
+                "[0, 1]."
+            )
+    if shape not in REGION_SHAPES:
+        raise ValueError(
+            f"region shape={shape!r}: expected one of {', '.join(map(repr, REGION_SHAPES))}."
+        )

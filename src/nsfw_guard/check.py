@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from . import censor
 from .inputs import parse_value_range
@@ -46,6 +48,9 @@ class CheckOutput(NamedTuple):
     """``[B, 4]`` float32 level scores."""
     verifiable: Tensor
     """``[B]`` bool: false for images with NaN or Inf pixels (blanked, whatever the action)."""
+    region_map: Tensor | None = None
+    """With ``run(..., with_map=True)``: ``[B, 1, H, W]`` float32, each patch's score at the
+    check level, upsampled to the images' size (see :meth:`NSFWScorer.classify_with_map`)."""
 
 
 class Verdicts(NamedTuple):
@@ -113,20 +118,38 @@ class CheckStep(nn.Module):
         value_range: str = "-1,1",
         flagged_range: str = "unit",
         flag_all: bool = False,
+        with_map: bool = False,
     ) -> CheckOutput:
         """Like ``forward``, with the ``verifiable`` mask as well; ``flag_all`` flags (and
-        censors) every image whatever its scores (a run stopped early)."""
+        censors) every image whatever its scores (a run stopped early); ``with_map`` adds the
+        region map from the same forward pass.
+
+        Example:
+            >>> step = CheckStep(detector.scorer, level="medium")  # a "medium" checkpoint
+            >>> output = step.run(torch.rand(2, 3, 64, 96) * 2 - 1, with_map=True)
+            >>> output.region_map.shape, bool(output.region_map.min() > 0.99)
+            (torch.Size([2, 1, 64, 96]), True)
+        """
         value_range = parse_value_range(value_range)
         if flagged_range not in FLAGGED_RANGES:
             raise ValueError(f"flagged_range={flagged_range!r}: expected one of {FLAGGED_RANGES}.")
         pixels, verifiable = self.scorer.preprocess(images, value_range)
-        verdicts = self.verdicts(self.scorer.classify(pixels, verifiable), verifiable)
+        region_map = None
+        if with_map:
+            scores, patch_scores = self.scorer.classify_with_map(pixels, verifiable)
+            at_level = patch_scores[:, self.level.index, None]
+            region_map = TF.resize(
+                at_level, list(images.shape[-2:]), interpolation=InterpolationMode.BILINEAR
+            ).to(images.device)
+        else:
+            scores = self.scorer.classify(pixels, verifiable)
+        verdicts = self.verdicts(scores, verifiable)
         device = images.device
         flags, verifiable = verdicts.flags.to(device), verdicts.verifiable.to(device)
         if flag_all:
             flags = torch.ones_like(flags)
         out = self.censor(images, flags, verifiable, value_range, flagged_range)
-        return CheckOutput(out, flags, verdicts.scores.to(device), verifiable)
+        return CheckOutput(out, flags, verdicts.scores.to(device), verifiable, region_map)
 
     def verdicts(
         self,

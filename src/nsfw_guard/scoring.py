@@ -46,3 +46,35 @@ class NSFWScorer(nn.Module):
         dtype = next(self.model.parameters()).dtype
         logits = self.model(pixels.to(dtype))
         return mark_unverifiable(cumulative_scores(logits), verifiable)
+
+    def classify_with_map(self, pixels: Tensor, verifiable: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores, and ``[B, 4, h, w]`` level scores per patch, from the same forward pass.
+
+        The model averages its patch tokens before ``fc_norm`` and ``head``; the patch map
+        applies the same norm and head to each token (a CAM-style map; the norm after pooling
+        makes it no exact decomposition of the scores). Unverifiable images get the worst case
+        on every patch.
+
+        Example:
+            >>> scorer, images = detector.scorer, torch.rand(2, 3, 64, 64)
+            >>> scores, patches = scorer.classify_with_map(*scorer.preprocess(images))
+            >>> torch.equal(scores, scorer(images)), patches.shape
+            (True, torch.Size([2, 4, 32, 32]))
+        """
+        model = self.model
+        if getattr(model, "global_pool", None) != "avg" or getattr(model, "attn_pool", None):
+            raise ValueError(
+                "a patch map needs a model that averages its patch tokens (timm global_pool="
+                f"'avg'); {type(model).__name__} pools with {model.global_pool!r}."
+            )
+        dtype = next(model.parameters()).dtype
+        tokens = model.forward_features(pixels.to(dtype))
+        scores = mark_unverifiable(cumulative_scores(model.forward_head(tokens)), verifiable)
+        patches = tokens[:, model.num_prefix_tokens :]
+        count, height_width = patches.shape[1], tuple(model.patch_embed.grid_size)
+        patch_logits = model.head(model.fc_norm(patches)).flatten(0, 1)
+        patch_scores = mark_unverifiable(
+            cumulative_scores(patch_logits), verifiable.repeat_interleave(count)
+        )
+        patch_scores = patch_scores.view(-1, *height_width, patch_scores.shape[-1])
+        return scores, patch_scores.permute(0, 3, 1, 2)

@@ -1,0 +1,150 @@
+"""Region maps from the classifier's own forward pass, and censoring only the regions they mark."""
+
+import pytest
+import torch
+
+from nsfw_guard import NSFWDetector
+from nsfw_guard.censor import censor_regions, region_alpha
+from nsfw_guard.check import CheckStep
+from nsfw_guard.model import load_model
+from nsfw_guard.preprocess import to_unit_range
+from nsfw_guard.scoring import NSFWScorer
+
+from .conftest import make_brightness_checkpoint
+from .test_scoring import HOST_SYNC_OPS
+
+SQUARE = (slice(16, 32), slice(24, 40))  # rows, columns of the bright square in a 64x64 image
+
+
+@pytest.fixture(scope="module")
+def bright_folder(tmp_path_factory):
+    """Each patch token is its patch's brightness: 'high' where brighter than the pivot (in
+    normalized units), 'neutral' where darker. The pivot lies between the mean of a dark image
+    (-1.30) and of one with a bright square on 1/16 of it (-1.10)."""
+    return make_brightness_checkpoint(tmp_path_factory.mktemp("bright"), -1.2)
+
+
+@pytest.fixture(scope="module")
+def step(bright_folder) -> CheckStep:
+    loaded = load_model(bright_folder, device="cpu", dtype=torch.float32)
+    scorer = NSFWScorer(loaded.model, loaded.data_config)
+    return CheckStep(scorer, level="high", threshold=0.5, action="blur").eval()
+
+
+def _images() -> torch.Tensor:
+    """[-1, 1] images: dark with a bright square, all dark, and one with a NaN pixel."""
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.2 - 0.9
+    images[0, :, SQUARE[0], SQUARE[1]] = 0.9
+    images[2, 0, 5, 5] = float("nan")
+    return images
+
+
+def _far_from_square(pixels: int) -> torch.Tensor:
+    """[64, 64] bool: the pixels more than ``pixels`` away from the square (in rows or columns)."""
+    rows, columns = torch.arange(64)[:, None], torch.arange(64)[None, :]
+    return (
+        (rows < SQUARE[0].start - pixels)
+        | (rows >= SQUARE[0].stop + pixels)
+        | (columns < SQUARE[1].start - pixels)
+        | (columns >= SQUARE[1].stop + pixels)
+    )
+
+
+def test_map_marks_the_square_from_the_same_forward_pass(step):
+    images = _images()
+    with torch.inference_mode():
+        output = step.run(images, with_map=True)
+        plain = step.run(images)
+    assert torch.equal(output.scores, plain.scores) and torch.equal(output.images, plain.images)
+    assert output.flags.tolist() == [True, False, True]
+    region_map = output.region_map[:, 0]
+    assert region_map.shape == (3, 64, 64) and region_map.dtype == torch.float32
+    inside = region_map[0, SQUARE[0].start + 2 : SQUARE[0].stop - 2, 26:38]
+    assert inside.min() > 0.9
+    assert region_map[0][_far_from_square(3)].max() < 0.1
+    assert region_map[1].max() < 0.1  # a dark image: nothing marked
+    assert region_map[2].eq(1).all()  # NaN pixels: unverifiable, the worst case everywhere
+
+
+def test_detector_region_map_fits_each_image(bright_folder):
+    detector = NSFWDetector(bright_folder, device="cpu", dtype=torch.float32, level="high")
+    images = _images()
+    maps = detector.region_map([images[0], images[1, :, :40]], value_range="-1,1")
+    assert [tuple(m.shape) for m in maps] == [(64, 64), (40, 64)]
+    assert maps[0][20, 30] > 0.9 and maps[1].max() < 0.1
+
+
+class _RegionsCheck(torch.nn.Module):
+    """The check step with its map output, then only the marked regions censored."""
+
+    def __init__(self, step: CheckStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, images):
+        output = self.step.run(images, flagged_range="unit", with_map=True)
+        alpha = region_alpha(output.region_map, self.step.threshold, images.shape[-2:])
+        unit = to_unit_range(images, "-1,1")
+        # Unverifiable images come back blanked whole, as from the check step.
+        alpha = torch.where(output.verifiable[:, None, None, None], alpha, torch.ones_like(alpha))
+        regions = censor_regions(unit, output.images, alpha)
+        return torch.where(output.flags[:, None, None, None], regions, images), output.region_map
+
+
+def test_regions_censor_only_pixels_near_the_square_and_export_without_host_sync(step):
+    module = _RegionsCheck(step)
+    exported = torch.export.export(module, (_images(),))
+    ops = {
+        node.target.__name__.split(".")[0]
+        for node in exported.graph.nodes
+        if node.op == "call_function" and hasattr(node.target, "__name__")
+    }
+    assert not ops & HOST_SYNC_OPS, ops & HOST_SYNC_OPS
+    images = _images()
+    with torch.inference_mode():
+        out, region_map = exported.module()(images)
+        expected = module(images)
+    torch.testing.assert_close(out, expected[0], equal_nan=True)
+    torch.testing.assert_close(region_map, expected[1])
+    unit = to_unit_range(images, "-1,1")
+    # The default margin (5% of 64 px: 3 px), plus the patch (2 px here) along the square's
+    # edge, which the bicubic resize's overshoot brightens.
+    far = _far_from_square(5)
+    assert torch.equal(out[0][:, far], unit[0][:, far])  # untouched, bit for bit
+    changed = (out[0] - unit[0]).abs().amax(dim=0) > 1e-3
+    assert changed[SQUARE].float().mean() > 0.9  # the square is blurred
+    assert torch.equal(out[1], images[1])  # not flagged: the input, bit for bit
+    assert out[2].eq(0).all()  # unverifiable: blanked whole
+
+
+def test_region_alpha_grows_by_the_margin_in_its_shape():
+    region_map = torch.zeros(1, 1, 8, 8)
+    region_map[0, 0, 4, 4] = 0.9  # one cell: pixels 64-79 of 128
+    rect = region_alpha(region_map, 0.5, (128, 128), margin=0.0)[0, 0]
+    assert rect[64:80, 64:80].eq(1).all() and rect.sum() == 16 * 16
+    grown = region_alpha(region_map, 0.5, (128, 128), margin=0.1)[0, 0]  # 13 px
+    assert grown[51:93, 51:93].eq(1).all() and grown.sum() == 42 * 42
+    ellipse = region_alpha(region_map, 0.5, (128, 128), margin=0.1, shape="ellipse")[0, 0]
+    assert ellipse[72, 51:93].eq(1).all() and ellipse[51, 51] == 0  # round: no corners
+    assert ellipse.sum() < grown.sum()
+    feathered = region_alpha(region_map, 0.5, (128, 128), margin=0.1, feather=0.05)[0, 0]
+    assert feathered[51:93, 51:93].eq(1).all()  # the soft edge lies outside, never inside
+    assert 0 < feathered[72, 45] < 1 and feathered[0, 0] < 1e-3
+
+
+def test_a_flagged_image_with_no_marked_region_is_censored_whole():
+    region_map = torch.full((2, 1, 4, 4), 0.2)
+    region_map[1, 0, 0, 0] = float("nan")  # a map that cannot be read marks its cell
+    alpha = region_alpha(region_map, 0.5, (32, 48))
+    assert alpha[0].eq(1).all()
+    assert alpha[1, 0, :8, :12].eq(1).all() and alpha[1].mean() < 0.5
+
+
+def test_bad_region_settings_are_clear_errors():
+    region_map = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"region margin=2: .*\[0, 1\]"):
+        region_alpha(region_map, 0.5, (8, 8), margin=2)
+    with pytest.raises(ValueError, match="region shape='box'"):
+        region_alpha(region_map, 0.5, (8, 8), shape="box")
+    with pytest.raises(ValueError, match="region feather=-0.1"):
+        region_alpha(region_map, 0.5, (8, 8), feather=-0.1)
