@@ -62,3 +62,18 @@ def test_early_stop_benchmark_calls_and_efficacy_modes_run_on_cpu(tmp_path):
     assert [r["step"] for r in results["efficacy"]] == [1, 2, 3]  # 30, 50, 70 % of 6 steps
     assert all(len(p["early"]) == 3 for p in results["per_prompt"])
     assert "precision" in done.stdout and "recall" in done.stdout
+
+
+def test_regions_benchmark_quick_mode_runs_on_cpu(tmp_path):
+    """Cost rows and the toy localization run end to end (a short training: mechanics only)."""
+    output = tmp_path / "regions.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_regions.py"), "--quick", "--device", "cpu"]
+    done = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(output.read_text())
+    assert [row["size"] for row in results["cost"]] == ["tiny"]
+    assert all(row["scores_and_map_ms"] > 0 for row in results["cost"])
+    found = results["localization"]
+    assert found["train_steps"] == 10 and found["high_images"] == 100
+    assert 0 <= found["localized_fraction"] <= 1
+    assert "| size" in done.stdout and "localized_fraction" in done.stdout

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -38,13 +38,15 @@ def make_checkpoint(
     level: NSFWLevel | str | int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    model_args: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint in the Hub's ``timm_wrapper`` format and return its folder.
 
     ``tiny`` keeps the real architecture, input size and preprocessing with one narrow block;
     ``full`` is the real size (86M parameters). ``level`` forces that class to win for every input
     (head weights zero, a large bias), while the rest of the network still runs. The global RNG is
-    left untouched.
+    left untouched. ``model_args`` override the architecture's (an ``img_size`` also sets the
+    checkpoint's input size).
 
     Example:
         >>> import tempfile
@@ -57,13 +59,16 @@ def make_checkpoint(
         raise ValueError(f"size={size!r}: expected 'tiny' or 'full'.")
     pretrained_cfg = timm.models.get_pretrained_cfg(f"{ARCHITECTURE}.{PRETRAINED_TAG}").to_dict()
     pretrained_cfg.pop("num_classes", None)
+    args = {**(TINY_MODEL_ARGS if size == "tiny" else {}), **(model_args or {})}
+    if "img_size" in args:
+        pretrained_cfg["input_size"] = [3, args["img_size"], args["img_size"]]
     config = TimmWrapperConfig(
         architecture=ARCHITECTURE,
         num_labels=len(LABELS),
         id2label=dict(enumerate(LABELS)),
         label2id={label: i for i, label in enumerate(LABELS)},
         pretrained_cfg=pretrained_cfg,
-        model_args=dict(TINY_MODEL_ARGS) if size == "tiny" else None,
+        model_args=args or None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
