@@ -62,10 +62,11 @@ class NSFWScorer(nn.Module):
             (True, torch.Size([2, 4, 32, 32]))
         """
         model = self.model
-        if getattr(model, "global_pool", None) != "avg" or getattr(model, "attn_pool", None):
+        pooling = getattr(model, "global_pool", None)
+        if pooling != "avg" or getattr(model, "attn_pool", None):
             raise ValueError(
                 "a patch map needs a model that averages its patch tokens (timm global_pool="
-                f"'avg'); {type(model).__name__} pools with {model.global_pool!r}."
+                f"'avg'); {type(model).__name__} pools with {pooling!r}."
             )
         dtype = next(model.parameters()).dtype
         tokens = model.forward_features(pixels.to(dtype))
