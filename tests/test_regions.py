@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from nsfw_guard import NSFWDetector
+from nsfw_guard import NSFWDetector, censor
 from nsfw_guard.censor import censor_regions, region_alpha
 from nsfw_guard.check import CheckStep
 from nsfw_guard.model import load_model
 from nsfw_guard.preprocess import to_unit_range
 from nsfw_guard.scoring import NSFWScorer
+from nsfw_guard.testing import make_checkpoint, square_images
 
 from .conftest import make_brightness_checkpoint
-from .test_scoring import HOST_SYNC_OPS
+from .test_scoring import assert_no_host_sync
 
 SQUARE = (slice(16, 32), slice(24, 40))  # rows, columns of the bright square in a 64x64 image
 
@@ -94,12 +95,7 @@ class _RegionsCheck(torch.nn.Module):
 def test_regions_censor_only_pixels_near_the_square_and_export_without_host_sync(step):
     module = _RegionsCheck(step)
     exported = torch.export.export(module, (_images(),))
-    ops = {
-        node.target.__name__.split(".")[0]
-        for node in exported.graph.nodes
-        if node.op == "call_function" and hasattr(node.target, "__name__")
-    }
-    assert not ops & HOST_SYNC_OPS, ops & HOST_SYNC_OPS
+    assert_no_host_sync(exported)
     images = _images()
     with torch.inference_mode():
         out, region_map = exported.module()(images)
@@ -148,3 +144,123 @@ def test_bad_region_settings_are_clear_errors():
         region_alpha(region_map, 0.5, (8, 8), shape="box")
     with pytest.raises(ValueError, match="region feather=-0.1"):
         region_alpha(region_map, 0.5, (8, 8), feather=-0.1)
+
+
+# action="regions", on a toy EVA02 trained to flag a magenta square (image labels only) ---------
+
+LOCALIZED_SHARE = 0.25  # a cell holding a quarter of the square or more is one of "its" cells
+
+
+@pytest.fixture(scope="module")
+def square_scorer(square_checkpoint) -> NSFWScorer:
+    loaded = load_model(square_checkpoint, device="cpu", dtype=torch.float32)
+    return NSFWScorer(loaded.model, loaded.data_config).eval()
+
+
+def _regions_step(scorer, **params) -> CheckStep:
+    # A strong blur: the toy flags magenta, which the default blur leaves magenta.
+    params = {"radius": 0.25, "margin": 0.1, **params}
+    return CheckStep(scorer, level="high", threshold=0.5, action="regions", censor_params=params)
+
+
+def _cells(masks: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and cell of a ``cells x cells`` grid: the share of the square it holds, and
+    whether it touches the square."""
+    size = masks.shape[-1]
+    index = torch.arange(size) * cells // size
+    cell_of_pixel = index[:, None] * cells + index[None, :]
+    in_cell = cell_of_pixel == torch.arange(cells * cells)[:, None, None]
+    hits = (masks[:, 0, None] & in_cell).flatten(2).sum(dim=2).float()
+    share = hits / hits.sum(dim=1, keepdim=True)
+    return share.view(-1, cells, cells), (hits > 0).view(-1, cells, cells)
+
+
+def _localized(values: torch.Tensor, masks: torch.Tensor) -> list[bool]:
+    """Per image: do all the square's cells score above every cell it does not touch?"""
+    share, touched = _cells(masks, values.shape[-1])
+    return [
+        bool(value[own >= LOCALIZED_SHARE].min() > value[~near].max())
+        for value, own, near in zip(values, share, touched, strict=True)
+    ]
+
+
+def test_the_occlusion_map_localizes_the_square_where_the_patch_map_does_not(square_scorer):
+    images, masks = square_images(40, torch.Generator().manual_seed(1))
+    images, masks = images[::2], masks[::2]  # the 20 with a square
+    with torch.inference_mode():
+        drops = square_scorer.occlusion_map(images, level=3, cells=4)[:, 0]
+        scores, patches = square_scorer.classify_with_map(*square_scorer.preprocess(images, "0,1"))
+    flagged = scores[:, 3] >= 0.5
+    assert flagged.sum() >= 18  # the toy learned to flag them (19 of 20: one small square not)
+    occlusion = _localized(drops[flagged], masks[flagged])
+    cam = _localized(patches[flagged, 3], masks[flagged])  # 4 x 4 patches: the same cells
+    assert sum(occlusion) >= 0.85 * len(occlusion), occlusion  # 17-18 of 19 when measured
+    assert sum(cam) <= 0.25 * len(cam), cam  # the patch map inverts as the model learns
+
+
+def test_regions_censor_only_near_the_square_and_leave_the_rest_bit_identical(square_scorer):
+    images, masks = square_images(8, torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        output = _regions_step(square_scorer).run(images, value_range="0,1")
+        rescored = square_scorer(output.images, "0,1")
+    assert output.flags.tolist() == [True, False] * 4
+    assert rescored[:, 3].max() < 0.5  # what comes out is not flagged
+    assert torch.equal(output.images[1::2], images[1::2])  # neutral: bit-identical
+    # Within a cell (16 px) and the margin (10%: 6 px) of the square: the map's resolution.
+    near = torch.nn.functional.max_pool2d(masks.float(), 2 * 22 + 1, stride=1, padding=22) > 0
+    changed = (output.images != images).any(dim=1, keepdim=True)
+    for index in range(0, 8, 2):
+        assert not changed[index][~near[index]].any()  # far from it: bit for bit
+        # Most of the square is censored: its edges past the margin may be left, as long as
+        # what is left is no longer flagged (the re-check above).
+        assert changed[index][masks[index]].float().mean() > 0.75
+        assert changed[index].float().mean() < 0.75  # not the whole image (19-58% here)
+
+
+def test_regions_censor_whole_where_the_regions_do_not_clear_the_flag(square_scorer, tmp_path):
+    images, _ = square_images(2, torch.Generator().manual_seed(3))
+    two = images[:1].clone()
+    two[..., :8, :8] = torch.tensor([1.0, 0.0, 1.0]).view(3, 1, 1)  # a second square
+    two[..., 56:, 56:] = torch.tensor([1.0, 0.0, 1.0]).view(3, 1, 1)  # and a third
+    step = _regions_step(square_scorer, radius=0.08)  # the default blur leaves magenta
+    with torch.inference_mode():
+        output = step.run(torch.cat([images[:1], two]), value_range="0,1")
+        whole = CheckStep(square_scorer, level="high", action="blur").run(
+            torch.cat([images[:1], two]), value_range="0,1"
+        )
+    assert output.flags.all()
+    assert torch.equal(output.images, whole.images)  # censored whole, as by action="blur"
+    forced = load_model(make_checkpoint(tmp_path, level="high"), device="cpu")
+    forced_step = _regions_step(NSFWScorer(forced.model, forced.data_config))
+    with torch.inference_mode():
+        output = forced_step.run(images, value_range="0,1")
+    blurred = censor.blur(images, radius=0.25)
+    assert torch.equal(output.images, blurred)  # no cell lowers the score: all of it
+
+
+@pytest.mark.parametrize("region_map", ["occlusion", "cam"])
+def test_regions_action_exports_without_host_sync_and_blanks_unverifiable(
+    square_scorer, region_map
+):
+    images, _ = square_images(4, torch.Generator().manual_seed(4))
+    images[3, 0, 5, 5] = float("nan")
+    step = _regions_step(square_scorer, map=region_map)
+    exported = torch.export.export(step, (images, "0,1"))
+    assert_no_host_sync(exported)
+    with torch.inference_mode():
+        out, flags, _ = exported.module()(images, "0,1")
+        expected, _, _ = step(images, "0,1")
+    assert torch.equal(out, expected)
+    assert flags.tolist() == [True, False, True, True]
+    assert out[3].eq(0).all()  # NaN pixels: blanked whole
+
+
+def test_regions_settings_are_checked():
+    with pytest.raises(ValueError, match="region_map='grad'"):
+        censor.check_params("regions", {"map": "grad"})
+    with pytest.raises(ValueError, match="block_size= is not a parameter of region_censor='blur'"):
+        censor.check_params("regions", {"block_size": 8})
+    with pytest.raises(ValueError, match="region margin=3"):
+        censor.check_params("regions", {"margin": 3})
+    with pytest.raises(ValueError, match="needs the classifier"):
+        censor.apply(torch.rand(1, 3, 4, 4), torch.tensor([True]), "regions")

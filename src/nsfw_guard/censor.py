@@ -31,8 +31,10 @@ __all__ = [
 ]
 
 Action = str | Callable[[Tensor], Tensor]
-ACTIONS = ("blur", "pixelate", "blank", "none")
-"""Named actions; ``"none"`` flags without changing the image."""
+ACTIONS = ("blur", "pixelate", "blank", "none", "regions")
+"""Named actions; ``"none"`` flags without changing the image; ``"regions"`` blurs or pixelates
+only the regions that made an image flagged and needs the classifier (see
+:class:`nsfw_guard.check.CheckStep`)."""
 
 DEFAULT_BLUR_RADIUS = 0.08
 DEFAULT_PIXELATE_CELLS = 12
@@ -40,6 +42,21 @@ DEFAULT_PIXELATE_CELLS = 12
 REGION_SHAPES = ("rect", "ellipse")
 """How a region grows by its margin: a square (``"rect"``) or a disc (``"ellipse"``)."""
 DEFAULT_REGION_MARGIN = 0.05
+REGION_MAPS = ("occlusion", "cam")
+"""How ``action="regions"`` finds the regions: hiding each cell of a grid in turn and rescoring
+(``"occlusion"``), or the classifier's per-patch scores from its own forward pass (``"cam"``)."""
+REGION_CENSORS = ("blur", "pixelate")
+DEFAULT_REGION_CELLS = 4
+REGION_DEFAULTS = {
+    "margin": DEFAULT_REGION_MARGIN,
+    "shape": "rect",
+    "feather": 0.0,
+    "censor": "blur",
+    "map": "occlusion",
+    "cells": DEFAULT_REGION_CELLS,
+}
+"""``action="regions"``'s parameters and their defaults (besides the base censor's ``radius`` or
+``block_size``)."""
 # Region masks are grown and feathered on a grid this many cells along the image's longer side.
 _REGION_GRID = 128
 # The blur runs at a size where its Gaussian has this sigma, then is scaled back up.
@@ -126,8 +143,9 @@ def check_action(action: Action) -> Action:
 def check_params(action: Action, params: dict[str, Any]) -> dict[str, Any]:
     """Return ``params`` if ``action`` takes them and their values are valid, else raise ValueError.
 
-    ``"blur"`` takes ``radius``, ``"pixelate"`` ``block_size``, ``"blank"`` ``color``; a callable
-    gets whatever is given.
+    ``"blur"`` takes ``radius``, ``"pixelate"`` ``block_size``, ``"blank"`` ``color``,
+    ``"regions"`` those of :data:`REGION_DEFAULTS` and its base censor's; a callable gets
+    whatever is given.
 
     Example:
         >>> check_params("pixelate", {"block_size": 16})
@@ -142,6 +160,14 @@ def check_params(action: Action, params: dict[str, Any]) -> dict[str, Any]:
             takes = ", ".join(f"{n}=" for n in checks) or "no parameters"
             raise ValueError(f"{name}= is not a parameter of action {action!r}; it takes {takes}.")
         checks[name](value)
+    if action == "regions":
+        _check_region_params(
+            params.get("margin", 0.0), params.get("shape", "rect"), params.get("feather", 0.0)
+        )
+        base = params.get("censor", "blur")
+        other = {"blur": "block_size", "pixelate": "radius"}[base]
+        if other in params:
+            raise ValueError(f"{other}= is not a parameter of region_censor={base!r}.")
     return dict(params)
 
 
@@ -184,11 +210,38 @@ def _check_block_size(block_size: int | None) -> None:
         )
 
 
+def _check_choice(name: str, choices: Sequence[str]) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, choices))}.")
+
+    return check
+
+
+def _check_cells(cells: int) -> None:
+    if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= 16:
+        raise ValueError(f"region_cells={cells!r}: expected a grid size from 1 to 16.")
+
+
+def _any(value: Any) -> None:
+    """Checked with the others, by ``_check_region_params``."""
+
+
 _PARAM_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "blur": {"radius": _check_radius},
     "pixelate": {"block_size": _check_block_size},
     "blank": {"color": check_color},
     "none": {},
+    "regions": {
+        "margin": _any,
+        "shape": _any,
+        "feather": _any,
+        "censor": _check_choice("region_censor", REGION_CENSORS),
+        "map": _check_choice("region_map", REGION_MAPS),
+        "cells": _check_cells,
+        "radius": _check_radius,
+        "block_size": _check_block_size,
+    },
 }
 
 
@@ -207,6 +260,11 @@ def apply(images: Tensor, mask: Tensor, action: Action, **params: Any) -> Tensor
     params = check_params(action, params)
     if action == "none":
         return images
+    if action == "regions":
+        raise ValueError(
+            "action 'regions' needs the classifier to find the regions: run it through "
+            "nsfw_guard.check.CheckStep (or guard(), scan, serve)."
+        )
     operation = {"blur": blur, "pixelate": pixelate, "blank": blank}.get(action, action)
     censored = operation(images, **params)
     if censored.shape != images.shape:

@@ -72,8 +72,9 @@ class CheckStep(nn.Module):
     Scores every image, flags those whose score at ``level`` is ``>= threshold`` (and those with
     NaN or Inf pixels, which cannot be verified), and censors the flagged ones with ``action``:
     images that could not be verified are blanked with ``fill_color`` whatever the action
-    (``"blank"`` uses it too). ``censor_params`` go to the action (``radius=``, ``block_size=``).
-    Any device and dtype; the output keeps the input's.
+    (``"blank"`` uses it too). ``censor_params`` go to the action (``radius=``, ``block_size=``;
+    for ``"regions"`` see :meth:`censor_regions`). Any device and dtype; the output keeps the
+    input's.
 
     Example:
         >>> import tempfile
@@ -105,6 +106,8 @@ class CheckStep(nn.Module):
         self.censor_params = censor.check_params(self.action, censor_params or {})
         if self.action == "blank":
             self.censor_params.setdefault("color", self.fill_color)
+        if self.action == "regions":
+            self.censor_params = {**censor.REGION_DEFAULTS, **self.censor_params}
 
     def forward(
         self, images: Tensor, value_range: str = "-1,1", flagged_range: str = "unit"
@@ -202,11 +205,86 @@ class CheckStep(nn.Module):
         (``"input"``); the others are the input's, bit for bit.
         """
         unit = to_unit_range(images, value_range)
-        censored = censor.apply(unit, verifiable, self.action, **self.censor_params)
+        if self.action == "regions":
+            censored = self.censor_regions(unit, verifiable)
+        else:
+            censored = censor.apply(unit, verifiable, self.action, **self.censor_params)
         censored = censor.apply(censored, ~verifiable, "blank", color=self.fill_color)
         if flagged_range == "input":
             censored = from_unit_range(censored, images, value_range)
         return torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
+
+    def censor_regions(self, unit: Tensor, verifiable: Tensor) -> Tensor:
+        """``action="regions"``: ``[B, 3, H, W]`` images in [0, 1] with only the regions that
+        made them flagged censored, or censored whole wherever that did not clear the flag.
+
+        The step's ``censor_params``: ``map`` (``"occlusion"``: the cells of a ``cells x cells``
+        grid whose hiding lowers the score at the step's level most, else the 2 x 2 blocks of
+        cells that do; ``"cam"``: the patches whose own score reaches the threshold), ``margin``,
+        ``shape``, ``feather`` (see :func:`nsfw_guard.censor.region_alpha`), ``censor``
+        (``"blur"`` or ``"pixelate"``, with its ``radius`` or ``block_size``). Then the
+        region-censored image is scored again: wherever it still reaches the threshold at the
+        level (or no region was found), the image is censored whole, as by ``censor``. So a
+        wrong map costs selectivity, never lets flagged content out. In-graph; the occlusion
+        map scores ``cells² + (cells - 1)² + 2`` variants of each image, the re-check one more.
+
+        Example:
+            >>> step = CheckStep(detector.scorer, action="regions")  # a "medium" checkpoint
+            >>> images = torch.rand(1, 3, 64, 64)
+            >>> out = step.censor_regions(images, torch.tensor([True]))
+            >>> torch.equal(out, censor.blur(images))  # no region clears it: censored whole
+            True
+        """
+        params = self.censor_params
+        base = params["censor"]
+        base_params = {name: params[name] for name in ("radius", "block_size") if name in params}
+        whole = censor.apply(unit, verifiable, base, **base_params)
+        level = self.level.index
+        if params["map"] == "cam":
+            pixels, ok = self.scorer.preprocess(unit, "0,1")
+            _, patch_scores = self.scorer.classify_with_map(pixels, ok)
+            hot = patch_scores[:, level, None] >= self.threshold
+        else:
+            hot = self._occluded_cells(unit, level, params["cells"])
+        alpha = censor.region_alpha(
+            hot.float(),
+            0.5,
+            unit.shape[-2:],
+            margin=params["margin"],
+            shape=params["shape"],
+            feather=params["feather"],
+        )
+        regions = censor.censor_regions(unit, whole, alpha)
+        recheck = self.scorer(regions, "0,1")
+        _, still_flagged = levels_and_flags(recheck, verifiable, level, self.threshold)
+        return torch.where(still_flagged[:, None, None, None], whole, regions)
+
+    def _occluded_cells(self, unit: Tensor, level: int, cells: int) -> Tensor:
+        """``[B, 1, cells, cells]`` bool: the cells whose hiding lowers the score most (by
+        :data:`MIN_DROP` or more, and by half the most any cell does); where no single cell
+        does, the 2 x 2 blocks of cells that do (what a single cell cannot hide: a shape across
+        a cell's edge)."""
+        single = self.scorer.occlusion_map(unit, level, cells)
+        hot = _strongest(single)
+        if cells > 1:
+            blocks = _strongest(self.scorer.occlusion_map(unit, level, cells, window=2))
+            # A cell is in a block if any of the (up to 4) blocks that cover it is.
+            block_cells = torch.nn.functional.max_pool2d(
+                torch.nn.functional.pad(blocks.float(), [1, 1, 1, 1]), 2, stride=1
+            ).bool()
+            found = hot.flatten(1).any(dim=1)[:, None, None, None]
+            hot = torch.where(found, hot, block_cells)
+        return hot
+
+
+MIN_DROP = 0.05
+"""An occlusion lowering the score by less than this is noise, not a region."""
+
+
+def _strongest(drops: Tensor) -> Tensor:
+    """Where ``drops`` ([B, 1, n, n]) reach :data:`MIN_DROP` and half their image's largest."""
+    most = drops.flatten(1).amax(dim=1)[:, None, None, None]
+    return (drops >= MIN_DROP) & (drops >= 0.5 * most)
 
 
 def levels_and_flags(

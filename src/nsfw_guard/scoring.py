@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .levels import cumulative_scores, mark_unverifiable
@@ -79,3 +80,46 @@ class NSFWScorer(nn.Module):
         )
         patch_scores = patch_scores.view(-1, *height_width, patch_scores.shape[-1])
         return scores, patch_scores.permute(0, 3, 1, 2)
+
+    def occlusion_map(
+        self,
+        images: Tensor,
+        level: int | Tensor,
+        cells: int = 4,
+        window: int = 1,
+        value_range: str = "0,1",
+    ) -> Tensor:
+        """How much hiding each ``window x window`` block of cells of a ``cells x cells`` grid
+        over the image (filled with the image's mean colour) lowers its score at ``level`` (an
+        index, or ``[B]`` indices): ``[B, 1, n, n]``, ``n = cells - window + 1`` (blocks step one
+        cell), from one batched forward of ``B x (n² + 1)`` images.
+
+        Float images only. NaN where the image cannot be scored (NaN or Inf pixels).
+
+        Example:
+            >>> scorer, images = detector.scorer, torch.rand(2, 3, 64, 64)
+            >>> drops = scorer.occlusion_map(images, level=2, cells=3)
+            >>> drops.shape, bool(drops.abs().max() < 1e-3)  # a forced "medium": nothing helps
+            (torch.Size([2, 1, 3, 3]), True)
+        """
+        batch, _, height, width = images.shape
+        device, blocks = images.device, cells - window + 1
+        starts = torch.arange(blocks, device=device)[:, None]
+        rows = (torch.arange(height, device=device) * cells // height)[None]
+        columns = (torch.arange(width, device=device) * cells // width)[None]
+        hidden_rows = (rows >= starts) & (rows < starts + window)
+        hidden_columns = (columns >= starts) & (columns < starts + window)
+        hidden = (hidden_rows[:, None, :, None] & hidden_columns[None, :, None, :]).flatten(0, 1)
+        fill = images.mean(dim=(-2, -1), keepdim=True)[:, None]
+        variants = torch.where(hidden[None, :, None], fill, images[:, None])
+        everything = torch.cat([images[:, None], variants], dim=1).flatten(0, 1)
+        count = blocks * blocks + 1
+        scores = self(everything, value_range).view(batch, count, -1)
+        if isinstance(level, Tensor):
+            at_level = scores.gather(2, level.view(-1, 1, 1).expand(-1, count, 1))[..., 0]
+        else:
+            at_level = scores[..., level]
+        unverifiable = ~torch.isfinite(images).flatten(1).all(dim=1)
+        drops = at_level[:, :1] - at_level[:, 1:]
+        drops = torch.where(unverifiable[:, None], torch.full_like(drops, float("nan")), drops)
+        return drops.view(batch, 1, blocks, blocks)

@@ -20,8 +20,10 @@ __all__ = [
     "ARCHITECTURE",
     "TINY_MODEL_ARGS",
     "make_checkpoint",
+    "make_square_checkpoint",
     "make_tiny_decoder",
     "make_tiny_pipeline",
+    "square_images",
 ]
 
 PRETRAINED_TAG = "mim_in22k_ft_in22k_in1k"
@@ -84,6 +86,76 @@ def make_checkpoint(
         model.to(dtype).save_pretrained(folder, safe_serialization=True)
     _prefix_weight_keys(folder / "model.safetensors")
     return folder
+
+
+SQUARE_MODEL_ARGS = {"img_size": 32, "patch_size": 8}
+"""The toy classifier of :func:`make_square_checkpoint`: 32² input, a 4 x 4 patch grid."""
+
+
+def square_images(
+    count: int, generator: torch.Generator, size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` toy images in [0, 1], every other one (from the first) with a magenta square
+    (a sixth to a third of the side) on a random flat, slightly noisy background, and their
+    ``[count, 1, size, size]`` square masks (all false for the others).
+
+    Example:
+        >>> images, masks = square_images(4, torch.Generator().manual_seed(0))
+        >>> images.shape, masks.flatten(1).any(dim=1).tolist()
+        (torch.Size([4, 3, 64, 64]), [True, False, True, False])
+    """
+    images = torch.rand(count, 3, 1, 1, generator=generator) * 0.8 + 0.1
+    images = (images + 0.1 * torch.rand(count, 3, size, size, generator=generator)).clamp(0, 1)
+    masks = torch.zeros(count, 1, size, size, dtype=torch.bool)
+    for index in range(0, count, 2):
+        side = int(torch.randint(size // 6, size // 3, (1,), generator=generator))
+        top, left = torch.randint(0, size - side, (2,), generator=generator).tolist()
+        masks[index, :, top : top + side, left : left + side] = True
+    magenta = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    return torch.where(masks, magenta, images), masks
+
+
+def make_square_checkpoint(path: str | os.PathLike, steps: int = 400, seed: int = 0) -> Path:
+    """Train a toy EVA02 (:data:`SQUARE_MODEL_ARGS`, one narrow block) on
+    :func:`square_images` with image labels only (a square: "high", none: "neutral") for
+    ``steps`` steps of 32 images on the CPU (about 5 s), and write it in the Hub's format.
+
+    A model that learned what to flag, for testing what region maps find; the global RNG is
+    left untouched.
+    """
+    from .model import load_model
+    from .scoring import NSFWScorer
+
+    folder = make_checkpoint(path, model_args=SQUARE_MODEL_ARGS, seed=seed)
+    loaded = load_model(folder, device="cpu", dtype=torch.float32)
+    scorer = NSFWScorer(loaded.model, loaded.data_config)
+    model = loaded.model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: threads only contend (30x slower on 2 busy cores)
+    try:
+        _train(model, scorer, optimizer, generator, steps)
+    finally:
+        torch.set_num_threads(threads)
+    weights = {f"timm_model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _train(model, scorer, optimizer, generator: torch.Generator, steps: int) -> None:
+    from torch.nn import functional as F
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator.initial_seed())
+        for _ in range(steps):
+            images, masks = square_images(32, generator)
+            labels = masks.flatten(1).any(dim=1).long() * NSFWLevel.HIGH.index
+            pixels, _ = scorer.preprocess(images, "0,1")
+            loss = F.cross_entropy(model(pixels), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
 
 
 def _prefix_weight_keys(file: Path, prefix: str = "timm_model.") -> None:
