@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from nsfw_guard import NSFWDetector, censor
+from nsfw_guard import NSFWDetector, NSFWSafetyChecker, censor, guard, unguard
 from nsfw_guard.censor import censor_regions, region_alpha
 from nsfw_guard.check import CheckStep
 from nsfw_guard.model import load_model
 from nsfw_guard.preprocess import to_unit_range
 from nsfw_guard.scoring import NSFWScorer
-from nsfw_guard.testing import make_checkpoint, square_images
+from nsfw_guard.testing import make_checkpoint, make_tiny_pipeline, square_images
 
 from .conftest import make_brightness_checkpoint
 from .test_scoring import assert_no_host_sync
@@ -264,3 +264,40 @@ def test_regions_settings_are_checked():
         censor.check_params("regions", {"margin": 3})
     with pytest.raises(ValueError, match="needs the classifier"):
         censor.apply(torch.rand(1, 3, 4, 4), torch.tensor([True]), "regions")
+
+
+def test_the_checker_saves_and_reloads_its_region_settings(square_checkpoint, tmp_path):
+    settings = {
+        "region_margin": 0.1,
+        "region_shape": "ellipse",
+        "region_feather": 0.02,
+        "region_censor": "pixelate",
+        "region_map": "cam",
+        "region_cells": 6,
+        "pixelate_block_size": 4,
+    }
+    checker = NSFWSafetyChecker.from_pretrained(square_checkpoint, action="regions", **settings)
+    checker.save_pretrained(tmp_path)
+    reloaded = NSFWSafetyChecker.from_pretrained(tmp_path)
+    assert reloaded.config.action == "regions"
+    assert {name: getattr(reloaded.config, name) for name in settings} == settings
+    expected = {"margin": 0.1, "shape": "ellipse", "feather": 0.02, "censor": "pixelate"}
+    expected |= {"map": "cam", "cells": 6, "block_size": 4}
+    assert reloaded.check_step.censor_params == expected
+    with pytest.raises(ValueError, match="region_map='grad'"):
+        NSFWSafetyChecker.from_pretrained(square_checkpoint, action="blur", region_map="grad")
+
+
+def test_guard_censors_regions_and_whole_where_no_region_clears(tmp_path):
+    pipe = make_tiny_pipeline("sd", tmp_path / "pipe")
+    forced = make_checkpoint(tmp_path / "high", level="high")
+    outputs = {}
+    for action in ("regions", "blur"):
+        attached = guard(pipe, model=forced, action=action, region_margin=0.2)
+        generator = torch.Generator().manual_seed(0)
+        outputs[action] = pipe(
+            "a photo", num_inference_steps=2, output_type="pt", generator=generator
+        ).images
+    assert attached.checker.config.region_margin == 0.2
+    assert torch.equal(outputs["regions"], outputs["blur"])  # no cell lowers the score: whole
+    unguard(pipe)
