@@ -1,11 +1,17 @@
 """Region maps from the classifier's own forward pass, and censoring only the regions they mark."""
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from nsfw_guard import NSFWDetector, NSFWSafetyChecker, censor, guard, unguard
 from nsfw_guard.censor import censor_regions, region_alpha
 from nsfw_guard.check import CheckStep
+from nsfw_guard.cli import EXIT_OK, EXIT_USAGE, main
+from nsfw_guard.copies import save_censored
 from nsfw_guard.model import load_model
 from nsfw_guard.preprocess import to_unit_range
 from nsfw_guard.scoring import NSFWScorer
@@ -301,3 +307,44 @@ def test_guard_censors_regions_and_whole_where_no_region_clears(tmp_path):
     assert attached.checker.config.region_margin == 0.2
     assert torch.equal(outputs["regions"], outputs["blur"])  # no cell lowers the score: whole
     unguard(pipe)
+
+
+def test_scan_censor_to_with_regions_censors_near_the_square_only(
+    square_checkpoint, square_scorer, tmp_path, capsys
+):
+    images, masks = square_images(2, torch.Generator().manual_seed(2))
+    source, target = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    Image.fromarray(pixels[0]).save(source / "square.png")
+    Image.fromarray(pixels[1]).save(source / "plain.png")
+    command = ["scan", "--device", "cpu", "--workers", "0", "--quiet", "--model"]
+    command += [str(square_checkpoint), "--level", "high", "--output", str(tmp_path / "r.jsonl")]
+    command += ["--censor-to", str(target), "--action", "regions", "--region-margin", "0.1"]
+    command.append(str(source))
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--region-margin", "2"])
+    assert stopped.value.code == EXIT_USAGE
+    assert "--region-margin 2.0: expected a fraction" in capsys.readouterr().err
+    # The toy flags magenta, which the default blur leaves magenta: so the regions' censor
+    # does not clear the flag, and the copy is censored whole.
+    assert main(command) == EXIT_OK
+    with Image.open(target / "square.png") as image:
+        copy = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+    original = torch.from_numpy(pixels[0]).permute(2, 0, 1)
+    changed = (copy != original).any(dim=0)
+    assert changed.float().mean() > 0.95  # whole
+    assert not (target / "plain.png").exists()  # not flagged: no copy (without --copy-clean)
+    region = CheckStep(
+        square_scorer,
+        level="high",
+        action="regions",
+        censor_params={"margin": 0.1, "radius": 0.25},
+    )
+    written = io.BytesIO()
+    save_censored((source / "square.png").read_bytes(), written, region, "{}")
+    with Image.open(written) as image:
+        copy = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+    near = torch.nn.functional.max_pool2d(masks[:1].float(), 45, stride=1, padding=22)[0, 0] > 0
+    changed = (copy != original).any(dim=0)
+    assert changed[masks[0, 0]].float().mean() > 0.75 and not changed[~near].any()
