@@ -73,7 +73,8 @@ def test_regions_benchmark_quick_mode_runs_on_cpu(tmp_path):
     results = json.loads(output.read_text())
     assert [row["size"] for row in results["cost"]] == ["tiny"]
     assert all(row["scores_and_map_ms"] > 0 for row in results["cost"])
+    assert all(row["occlusion_map_4x4_ms"] > 0 for row in results["cost"])
     found = results["localization"]
-    assert found["train_steps"] == 10 and found["high_images"] == 100
-    assert 0 <= found["localized_fraction"] <= 1
+    assert [row["map"] for row in found] == ["cam", "occlusion 4x4"]
+    assert all(row["train_steps"] == 10 and 0 <= row["localized_fraction"] <= 1 for row in found)
     assert "| size" in done.stdout and "localized_fraction" in done.stdout

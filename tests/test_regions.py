@@ -15,7 +15,7 @@ from nsfw_guard.copies import save_censored
 from nsfw_guard.model import load_model
 from nsfw_guard.preprocess import to_unit_range
 from nsfw_guard.scoring import NSFWScorer
-from nsfw_guard.testing import make_checkpoint, make_tiny_pipeline, square_images
+from nsfw_guard.testing import make_checkpoint, make_tiny_pipeline, square_cells, square_images
 
 from .conftest import make_brightness_checkpoint
 from .test_scoring import assert_no_host_sync
@@ -169,21 +169,9 @@ def _regions_step(scorer, **params) -> CheckStep:
     return CheckStep(scorer, level="high", threshold=0.5, action="regions", censor_params=params)
 
 
-def _cells(masks: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and cell of a ``cells x cells`` grid: the share of the square it holds, and
-    whether it touches the square."""
-    size = masks.shape[-1]
-    index = torch.arange(size) * cells // size
-    cell_of_pixel = index[:, None] * cells + index[None, :]
-    in_cell = cell_of_pixel == torch.arange(cells * cells)[:, None, None]
-    hits = (masks[:, 0, None] & in_cell).flatten(2).sum(dim=2).float()
-    share = hits / hits.sum(dim=1, keepdim=True)
-    return share.view(-1, cells, cells), (hits > 0).view(-1, cells, cells)
-
-
 def _localized(values: torch.Tensor, masks: torch.Tensor) -> list[bool]:
     """Per image: do all the square's cells score above every cell it does not touch?"""
-    share, touched = _cells(masks, values.shape[-1])
+    share, touched = square_cells(masks, values.shape[-1])
     return [
         bool(value[own >= LOCALIZED_SHARE].min() > value[~near].max())
         for value, own, near in zip(values, share, touched, strict=True)
@@ -200,7 +188,12 @@ def test_the_occlusion_map_localizes_the_square_where_the_patch_map_does_not(squ
     assert flagged.sum() >= 18  # the toy learned to flag them (19 of 20: one small square not)
     occlusion = _localized(drops[flagged], masks[flagged])
     cam = _localized(patches[flagged, 3], masks[flagged])  # 4 x 4 patches: the same cells
-    assert sum(occlusion) >= 0.85 * len(occlusion), occlusion  # 17-18 of 19 when measured
+    # 17-18 of 19 here; 74% of 97 in benchmarks/bench_regions.py (a square across a cell edge)
+    assert sum(occlusion) >= 0.7 * len(occlusion), occlusion
+    _, touched = square_cells(masks[flagged], 4)
+    pairs = zip(drops[flagged], touched, strict=True)
+    tops = [bool(t.flatten()[d.flatten().argmax()]) for d, t in pairs]
+    assert all(tops)  # the cell whose hiding lowers the score most is always on the square
     assert sum(cam) <= 0.25 * len(cam), cam  # the patch map inverts as the model learns
 
 
@@ -330,7 +323,7 @@ def test_scan_censor_to_with_regions_censors_near_the_square_only(
     # does not clear the flag, and the copy is censored whole.
     assert main(command) == EXIT_OK
     with Image.open(target / "square.png") as image:
-        copy = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        copy = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     original = torch.from_numpy(pixels[0]).permute(2, 0, 1)
     changed = (copy != original).any(dim=0)
     assert changed.float().mean() > 0.95  # whole
@@ -344,7 +337,7 @@ def test_scan_censor_to_with_regions_censors_near_the_square_only(
     written = io.BytesIO()
     save_censored((source / "square.png").read_bytes(), written, region, "{}")
     with Image.open(written) as image:
-        copy = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        copy = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     near = torch.nn.functional.max_pool2d(masks[:1].float(), 45, stride=1, padding=22)[0, 0] > 0
     changed = (copy != original).any(dim=0)
     assert changed[masks[0, 0]].float().mean() > 0.75 and not changed[~near].any()

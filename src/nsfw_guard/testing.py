@@ -23,6 +23,7 @@ __all__ = [
     "make_square_checkpoint",
     "make_tiny_decoder",
     "make_tiny_pipeline",
+    "square_cells",
     "square_images",
 ]
 
@@ -113,6 +114,26 @@ def square_images(
         masks[index, :, top : top + side, left : left + side] = True
     magenta = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)
     return torch.where(masks, magenta, images), masks
+
+
+def square_cells(masks: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of ``[B, 1, H, W]`` square masks and cell of a ``cells x cells`` grid: the
+    share of the square the cell holds, and whether it touches the square.
+
+    Example:
+        >>> masks = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+        >>> masks[..., :2, :3] = True
+        >>> share, touched = square_cells(masks, 2)
+        >>> (share * 3).round().tolist(), touched.tolist()
+        ([[[2.0, 1.0], [0.0, 0.0]]], [[[True, True], [False, False]]])
+    """
+    size = masks.shape[-1]
+    index = torch.arange(size) * cells // size
+    cell_of_pixel = index[:, None] * cells + index[None, :]
+    in_cell = cell_of_pixel == torch.arange(cells * cells)[:, None, None]
+    hits = (masks[:, 0, None] & in_cell).flatten(2).sum(dim=2).float()
+    share = hits / hits.sum(dim=1, keepdim=True)
+    return share.view(-1, cells, cells), (hits > 0).view(-1, cells, cells)
 
 
 def make_square_checkpoint(path: str | os.PathLike, steps: int = 400, seed: int = 0) -> Path:
