@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nsfw_guard import NSFWDetector
-from nsfw_guard.testing import make_checkpoint
+from nsfw_guard.testing import make_checkpoint, make_square_checkpoint
 
 DATA = Path(__file__).parent / "data"
 PHOTO_PATHS = sorted(DATA.glob("*.jpg"))
@@ -50,6 +50,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def sharp_checkpoint(tmp_path_factory) -> Path:
     """A tiny checkpoint whose scores depend strongly on the image."""
     return sharpen(make_checkpoint(tmp_path_factory.mktemp("sharp")))
+
+
+@pytest.fixture(scope="session")
+def square_checkpoint(tmp_path_factory) -> Path:
+    """A toy EVA02 trained (about 8 s) to flag a magenta square as "high", from image labels."""
+    return make_square_checkpoint(tmp_path_factory.mktemp("square"))
 
 
 @pytest.fixture(scope="session")

@@ -80,3 +80,19 @@ def test_backends_benchmark_runs_each_backend_in_its_own_process(tmp_path):
         ("onnxruntime", 2),
     ]
     assert all(r["ms_per_img"] > 0 and r["max_abs_diff_vs_fp32"] < 1e-3 for r in rows)
+
+
+def test_regions_benchmark_quick_mode_runs_on_cpu(tmp_path):
+    """Cost rows and the toy localization run end to end (a short training: mechanics only)."""
+    output = tmp_path / "regions.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_regions.py"), "--quick", "--device", "cpu"]
+    done = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(output.read_text())
+    assert [row["size"] for row in results["cost"]] == ["tiny"]
+    assert all(row["scores_and_map_ms"] > 0 for row in results["cost"])
+    assert all(row["occlusion_map_4x4_ms"] > 0 for row in results["cost"])
+    found = results["localization"]
+    assert [row["map"] for row in found] == ["cam", "occlusion 4x4"]
+    assert all(row["train_steps"] == 10 and 0 <= row["localized_fraction"] <= 1 for row in found)
+    assert "| size" in done.stdout and "localized_fraction" in done.stdout

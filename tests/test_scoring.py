@@ -10,6 +10,17 @@ from nsfw_guard.scoring import NSFWScorer
 HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "masked_select", "unique"}
 
 
+def assert_no_host_sync(exported: torch.export.ExportedProgram) -> set[str]:
+    """Assert the exported graph has no op that syncs with the host; return its ops' names."""
+    ops = {
+        node.target.__name__.split(".")[0]
+        for node in exported.graph.nodes
+        if node.op == "call_function" and hasattr(node.target, "__name__")
+    }
+    assert not ops & HOST_SYNC_OPS, ops & HOST_SYNC_OPS
+    return ops
+
+
 @pytest.fixture(scope="module")
 def scorer(sharp_checkpoint) -> NSFWScorer:
     loaded = load_model(sharp_checkpoint, device="cpu", dtype=torch.float32)
@@ -29,12 +40,7 @@ def test_scorer_exports_without_host_sync(scorer, dtype, value_range):
         return images.to(dtype)
 
     exported = torch.export.export(scorer, (sample(),), kwargs={"value_range": value_range})
-    ops = {
-        node.target.__name__.split(".")[0]
-        for node in exported.graph.nodes
-        if node.op == "call_function" and hasattr(node.target, "__name__")
-    }
-    assert not ops & HOST_SYNC_OPS, ops & HOST_SYNC_OPS
+    ops = assert_no_host_sync(exported)
     assert "_upsample_bicubic2d_aa" in ops and "scaled_dot_product_attention" in ops
 
     images = sample()

@@ -203,6 +203,17 @@ def test_censor_returns_the_censored_image_or_the_original(server, sharp_checkpo
     )
 
 
+def test_censor_regions_uses_the_request_threshold_and_falls_back_to_whole(server):
+    photo = PHOTO_PATHS[0]
+    files = {"image": (photo.name, photo.read_bytes(), "image/jpeg")}
+    # At threshold 0 every re-check is still flagged: the regions action censors whole.
+    regions = post(server, "/v1/censor", files=files, data={"threshold": "0", "action": "regions"})
+    blurred = post(server, "/v1/censor", files=files, data={"threshold": "0", "action": "blur"})
+    assert regions.status_code == 200, regions.text
+    assert regions.headers["x-nsfw-action"] == "regions"
+    assert regions.content == blurred.content
+
+
 def _animation(frames: list[Image.Image]) -> bytes:
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=40)

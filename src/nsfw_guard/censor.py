@@ -22,19 +22,43 @@ __all__ = [
     "apply",
     "blank",
     "blur",
+    "censor_regions",
     "check_action",
     "check_color",
     "check_params",
     "pixelate",
+    "region_alpha",
 ]
 
 Action = str | Callable[[Tensor], Tensor]
-ACTIONS = ("blur", "pixelate", "blank", "none")
-"""Named actions; ``"none"`` flags without changing the image."""
+ACTIONS = ("blur", "pixelate", "blank", "none", "regions")
+"""Named actions; ``"none"`` flags without changing the image; ``"regions"`` blurs or pixelates
+only the regions that made an image flagged and needs the classifier (see
+:class:`nsfw_guard.check.CheckStep`)."""
 
 DEFAULT_BLUR_RADIUS = 0.08
 DEFAULT_PIXELATE_CELLS = 12
 """Without a ``block_size``, ``pixelate`` makes blocks 1/12 of the image's longer side."""
+REGION_SHAPES = ("rect", "ellipse")
+"""How a region grows by its margin: a square (``"rect"``) or a disc (``"ellipse"``)."""
+DEFAULT_REGION_MARGIN = 0.05
+REGION_MAPS = ("occlusion", "cam")
+"""How ``action="regions"`` finds the regions: hiding each cell of a grid in turn and rescoring
+(``"occlusion"``), or the classifier's per-patch scores from its own forward pass (``"cam"``)."""
+REGION_CENSORS = ("blur", "pixelate")
+DEFAULT_REGION_CELLS = 4
+REGION_DEFAULTS = {
+    "margin": DEFAULT_REGION_MARGIN,
+    "shape": "rect",
+    "feather": 0.0,
+    "censor": "blur",
+    "map": "occlusion",
+    "cells": DEFAULT_REGION_CELLS,
+}
+"""``action="regions"``'s parameters and their defaults (besides the base censor's ``radius`` or
+``block_size``)."""
+# Region masks are grown and feathered on a grid this many cells along the image's longer side.
+_REGION_GRID = 128
 # The blur runs at a size where its Gaussian has this sigma, then is scaled back up.
 _WORKING_SIGMA = 2.0
 
@@ -119,8 +143,9 @@ def check_action(action: Action) -> Action:
 def check_params(action: Action, params: dict[str, Any]) -> dict[str, Any]:
     """Return ``params`` if ``action`` takes them and their values are valid, else raise ValueError.
 
-    ``"blur"`` takes ``radius``, ``"pixelate"`` ``block_size``, ``"blank"`` ``color``; a callable
-    gets whatever is given.
+    ``"blur"`` takes ``radius``, ``"pixelate"`` ``block_size``, ``"blank"`` ``color``,
+    ``"regions"`` those of :data:`REGION_DEFAULTS` and its base censor's; a callable gets
+    whatever is given.
 
     Example:
         >>> check_params("pixelate", {"block_size": 16})
@@ -135,6 +160,14 @@ def check_params(action: Action, params: dict[str, Any]) -> dict[str, Any]:
             takes = ", ".join(f"{n}=" for n in checks) or "no parameters"
             raise ValueError(f"{name}= is not a parameter of action {action!r}; it takes {takes}.")
         checks[name](value)
+    if action == "regions":
+        _check_region_params(
+            params.get("margin", 0.0), params.get("shape", "rect"), params.get("feather", 0.0)
+        )
+        base = params.get("censor", "blur")
+        other = {"blur": "block_size", "pixelate": "radius"}[base]
+        if other in params:
+            raise ValueError(f"{other}= is not a parameter of region_censor={base!r}.")
     return dict(params)
 
 
@@ -177,11 +210,38 @@ def _check_block_size(block_size: int | None) -> None:
         )
 
 
+def _check_choice(name: str, choices: Sequence[str]) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, choices))}.")
+
+    return check
+
+
+def _check_cells(cells: int) -> None:
+    if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= 16:
+        raise ValueError(f"region_cells={cells!r}: expected a grid size from 1 to 16.")
+
+
+def _any(value: Any) -> None:
+    """Checked with the others, by ``_check_region_params``."""
+
+
 _PARAM_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "blur": {"radius": _check_radius},
     "pixelate": {"block_size": _check_block_size},
     "blank": {"color": check_color},
     "none": {},
+    "regions": {
+        "margin": _any,
+        "shape": _any,
+        "feather": _any,
+        "censor": _check_choice("region_censor", REGION_CENSORS),
+        "map": _check_choice("region_map", REGION_MAPS),
+        "cells": _check_cells,
+        "radius": _check_radius,
+        "block_size": _check_block_size,
+    },
 }
 
 
@@ -200,6 +260,11 @@ def apply(images: Tensor, mask: Tensor, action: Action, **params: Any) -> Tensor
     params = check_params(action, params)
     if action == "none":
         return images
+    if action == "regions":
+        raise ValueError(
+            "action 'regions' needs the classifier to find the regions: run it through "
+            "nsfw_guard.check.CheckStep (or guard(), scan, serve)."
+        )
     operation = {"blur": blur, "pixelate": pixelate, "blank": blank}.get(action, action)
     censored = operation(images, **params)
     if censored.shape != images.shape:
@@ -208,3 +273,94 @@ def apply(images: Tensor, mask: Tensor, action: Action, **params: Any) -> Tensor
             f"{tuple(images.shape)}; it must keep the shape."
         )
     return torch.where(mask[:, None, None, None], censored.to(images.dtype), images)
+
+
+def region_alpha(
+    region_map: Tensor,
+    threshold: float,
+    size: Sequence[int],
+    margin: float = DEFAULT_REGION_MARGIN,
+    shape: str = "rect",
+    feather: float = 0.0,
+) -> Tensor:
+    """How much of each pixel to censor, ``[B, 1, H, W]`` in [0, 1], from a ``[B, 1, h, w]``
+    map of scores (any grid, stretched over the image ``size``).
+
+    The cells of the map whose value is ``>= threshold`` (NaN counts as 1), whole, grown by
+    ``margin`` (a fraction of the longer side; ``shape`` ``"rect"`` grows square, ``"ellipse"``
+    round), get 1. ``feather`` (a fraction of the longer side, the sigma of a Gaussian) adds a
+    soft edge outside that, never inside. Fail closed: an image with no value at or above the
+    threshold gets 1 everywhere. In-graph: no host sync, no branch on values.
+
+    Example:
+        >>> region_map = torch.zeros(2, 1, 4, 4)
+        >>> region_map[0, 0, 0, 0] = 0.9
+        >>> alpha = region_alpha(region_map, 0.5, (64, 64), margin=0.0)
+        >>> alpha[0, 0, :16, :16].min().item(), alpha[0, 0, 32:, 32:].max().item()
+        (1.0, 0.0)
+        >>> alpha[1].min().item()  # nothing above the threshold: all of it
+        1.0
+    """
+    _check_region_params(margin, shape, feather)
+    height, width = int(size[0]), int(size[1])
+    scale = min(1.0, _REGION_GRID / max(height, width))
+    grid = [max(1, round(height * scale)), max(1, round(width * scale))]
+    # Thresholded per cell of the map, then spread over each cell's whole area: a cell at or
+    # above the threshold is censored entirely (a bilinear map would shrink it).
+    hot = (region_map.float().nan_to_num(nan=1.0) >= threshold).float()
+    hot = TF.resize(hot, grid, interpolation=InterpolationMode.NEAREST_EXACT)
+    empty = hot.flatten(1).amax(dim=1) == 0
+    hot = torch.where(empty[:, None, None, None], torch.ones_like(hot), hot)
+    reach = round(margin * max(grid))
+    if reach > 0:
+        hot = _dilate(hot, reach, shape)
+    if feather > 0:
+        sigma = feather * max(grid)
+        half = math.ceil(3 * sigma)
+        padded = torch.nn.functional.pad(hot, [half] * 4)  # zeros: the edge fades out too
+        soft = TF.gaussian_blur(padded, [2 * half + 1] * 2, [sigma] * 2)[
+            ..., half:-half, half:-half
+        ]
+        hot = torch.maximum(hot, soft)
+        return TF.resize(hot, [height, width], interpolation=InterpolationMode.BILINEAR)
+    full = TF.resize(hot, [height, width], interpolation=InterpolationMode.BILINEAR)
+    return (full >= 0.5).float()
+
+
+def censor_regions(images: Tensor, censored: Tensor, alpha: Tensor) -> Tensor:
+    """``censored`` where ``alpha`` ([B, 1, H, W]) is 1, ``images`` where it is 0, blended
+    between; pixels with ``alpha`` 0 are ``images``' bit for bit.
+
+    Example:
+        >>> images, alpha = torch.rand(1, 3, 4, 4), torch.zeros(1, 1, 4, 4)
+        >>> alpha[..., :2] = 1.0
+        >>> out = censor_regions(images, torch.zeros_like(images), alpha)
+        >>> out[..., :2].max().item(), torch.equal(out[..., 2:], images[..., 2:])
+        (0.0, True)
+    """
+    alpha = alpha.to(images.dtype)
+    blended = torch.lerp(images, censored.to(images.dtype), alpha)
+    return torch.where(alpha > 0, blended, images)
+
+
+def _dilate(mask: Tensor, reach: int, shape: str) -> Tensor:
+    """Grow a ``[B, 1, h, w]`` 0/1 mask by ``reach`` cells, as a square or a disc."""
+    if shape == "rect":
+        return torch.nn.functional.max_pool2d(mask, 2 * reach + 1, stride=1, padding=reach)
+    offsets = torch.arange(-reach, reach + 1, device=mask.device, dtype=mask.dtype)
+    disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= reach**2 + 0.5).to(mask.dtype)
+    grown = torch.nn.functional.conv2d(mask, disc[None, None], padding=reach)
+    return (grown > 0.5).to(mask.dtype)
+
+
+def _check_region_params(margin: float, shape: str, feather: float) -> None:
+    for name, value in (("margin", margin), ("feather", feather)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(
+                f"region {name}={value!r}: expected a fraction of the image's longer side in "
+                "[0, 1]."
+            )
+    if shape not in REGION_SHAPES:
+        raise ValueError(
+            f"region shape={shape!r}: expected one of {', '.join(map(repr, REGION_SHAPES))}."
+        )

@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from . import censor
 from .inputs import parse_value_range
@@ -46,6 +48,9 @@ class CheckOutput(NamedTuple):
     """``[B, 4]`` float32 level scores."""
     verifiable: Tensor
     """``[B]`` bool: false for images with NaN or Inf pixels (blanked, whatever the action)."""
+    region_map: Tensor | None = None
+    """With ``run(..., with_map=True)``: ``[B, 1, H, W]`` float32, each patch's score at the
+    check level, upsampled to the images' size (see :meth:`NSFWScorer.classify_with_map`)."""
 
 
 class Verdicts(NamedTuple):
@@ -67,8 +72,9 @@ class CheckStep(nn.Module):
     Scores every image, flags those whose score at ``level`` is ``>= threshold`` (and those with
     NaN or Inf pixels, which cannot be verified), and censors the flagged ones with ``action``:
     images that could not be verified are blanked with ``fill_color`` whatever the action
-    (``"blank"`` uses it too). ``censor_params`` go to the action (``radius=``, ``block_size=``).
-    Any device and dtype; the output keeps the input's.
+    (``"blank"`` uses it too). ``censor_params`` go to the action (``radius=``, ``block_size=``;
+    for ``"regions"`` see :meth:`censor_regions`). Any device and dtype; the output keeps the
+    input's.
 
     Example:
         >>> import tempfile
@@ -100,6 +106,8 @@ class CheckStep(nn.Module):
         self.censor_params = censor.check_params(self.action, censor_params or {})
         if self.action == "blank":
             self.censor_params.setdefault("color", self.fill_color)
+        if self.action == "regions":
+            self.censor_params = {**censor.REGION_DEFAULTS, **self.censor_params}
 
     def forward(
         self, images: Tensor, value_range: str = "-1,1", flagged_range: str = "unit"
@@ -113,20 +121,38 @@ class CheckStep(nn.Module):
         value_range: str = "-1,1",
         flagged_range: str = "unit",
         flag_all: bool = False,
+        with_map: bool = False,
     ) -> CheckOutput:
         """Like ``forward``, with the ``verifiable`` mask as well; ``flag_all`` flags (and
-        censors) every image whatever its scores (a run stopped early)."""
+        censors) every image whatever its scores (a run stopped early); ``with_map`` adds the
+        region map from the same forward pass.
+
+        Example:
+            >>> step = CheckStep(detector.scorer, level="medium")  # a "medium" checkpoint
+            >>> output = step.run(torch.rand(2, 3, 64, 96) * 2 - 1, with_map=True)
+            >>> output.region_map.shape, bool(output.region_map.min() > 0.99)
+            (torch.Size([2, 1, 64, 96]), True)
+        """
         value_range = parse_value_range(value_range)
         if flagged_range not in FLAGGED_RANGES:
             raise ValueError(f"flagged_range={flagged_range!r}: expected one of {FLAGGED_RANGES}.")
         pixels, verifiable = self.scorer.preprocess(images, value_range)
-        verdicts = self.verdicts(self.scorer.classify(pixels, verifiable), verifiable)
+        region_map = None
+        if with_map:
+            scores, patch_scores = self.scorer.classify_with_map(pixels, verifiable)
+            at_level = patch_scores[:, self.level.index, None]
+            region_map = TF.resize(
+                at_level, list(images.shape[-2:]), interpolation=InterpolationMode.BILINEAR
+            ).to(images.device)
+        else:
+            scores = self.scorer.classify(pixels, verifiable)
+        verdicts = self.verdicts(scores, verifiable)
         device = images.device
         flags, verifiable = verdicts.flags.to(device), verdicts.verifiable.to(device)
         if flag_all:
             flags = torch.ones_like(flags)
         out = self.censor(images, flags, verifiable, value_range, flagged_range)
-        return CheckOutput(out, flags, verdicts.scores.to(device), verifiable)
+        return CheckOutput(out, flags, verdicts.scores.to(device), verifiable, region_map)
 
     def verdicts(
         self,
@@ -179,11 +205,86 @@ class CheckStep(nn.Module):
         (``"input"``); the others are the input's, bit for bit.
         """
         unit = to_unit_range(images, value_range)
-        censored = censor.apply(unit, verifiable, self.action, **self.censor_params)
+        if self.action == "regions":
+            censored = self.censor_regions(unit, verifiable)
+        else:
+            censored = censor.apply(unit, verifiable, self.action, **self.censor_params)
         censored = censor.apply(censored, ~verifiable, "blank", color=self.fill_color)
         if flagged_range == "input":
             censored = from_unit_range(censored, images, value_range)
         return torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
+
+    def censor_regions(self, unit: Tensor, verifiable: Tensor) -> Tensor:
+        """``action="regions"``: ``[B, 3, H, W]`` images in [0, 1] with only the regions that
+        made them flagged censored, or censored whole wherever that did not clear the flag.
+
+        The step's ``censor_params``: ``map`` (``"occlusion"``: the cells of a ``cells x cells``
+        grid whose hiding lowers the score at the step's level most, else the 2 x 2 blocks of
+        cells that do; ``"cam"``: the patches whose own score reaches the threshold), ``margin``,
+        ``shape``, ``feather`` (see :func:`nsfw_guard.censor.region_alpha`), ``censor``
+        (``"blur"`` or ``"pixelate"``, with its ``radius`` or ``block_size``). Then the
+        region-censored image is scored again: wherever it still reaches the threshold at the
+        level (or no region was found), the image is censored whole, as by ``censor``. So a
+        wrong map costs selectivity, never lets flagged content out. In-graph; the occlusion
+        map scores ``cells² + (cells - 1)² + 2`` variants of each image, the re-check one more.
+
+        Example:
+            >>> step = CheckStep(detector.scorer, action="regions")  # a "medium" checkpoint
+            >>> images = torch.rand(1, 3, 64, 64)
+            >>> out = step.censor_regions(images, torch.tensor([True]))
+            >>> torch.equal(out, censor.blur(images))  # no region clears it: censored whole
+            True
+        """
+        params = self.censor_params
+        base = params["censor"]
+        base_params = {name: params[name] for name in ("radius", "block_size") if name in params}
+        whole = censor.apply(unit, verifiable, base, **base_params)
+        level = self.level.index
+        if params["map"] == "cam":
+            pixels, ok = self.scorer.preprocess(unit, "0,1")
+            _, patch_scores = self.scorer.classify_with_map(pixels, ok)
+            hot = patch_scores[:, level, None] >= self.threshold
+        else:
+            hot = self._occluded_cells(unit, level, params["cells"])
+        alpha = censor.region_alpha(
+            hot.float(),
+            0.5,
+            unit.shape[-2:],
+            margin=params["margin"],
+            shape=params["shape"],
+            feather=params["feather"],
+        )
+        regions = censor.censor_regions(unit, whole, alpha)
+        recheck = self.scorer(regions, "0,1")
+        _, still_flagged = levels_and_flags(recheck, verifiable, level, self.threshold)
+        return torch.where(still_flagged[:, None, None, None], whole, regions)
+
+    def _occluded_cells(self, unit: Tensor, level: int, cells: int) -> Tensor:
+        """``[B, 1, cells, cells]`` bool: the cells whose hiding lowers the score most (by
+        :data:`MIN_DROP` or more, and by half the most any cell does); where no single cell
+        does, the 2 x 2 blocks of cells that do (what a single cell cannot hide: a shape across
+        a cell's edge)."""
+        single = self.scorer.occlusion_map(unit, level, cells)
+        hot = _strongest(single)
+        if cells > 1:
+            blocks = _strongest(self.scorer.occlusion_map(unit, level, cells, window=2))
+            # A cell is in a block if any of the (up to 4) blocks that cover it is.
+            block_cells = torch.nn.functional.max_pool2d(
+                torch.nn.functional.pad(blocks.float(), [1, 1, 1, 1]), 2, stride=1
+            ).bool()
+            found = hot.flatten(1).any(dim=1)[:, None, None, None]
+            hot = torch.where(found, hot, block_cells)
+        return hot
+
+
+MIN_DROP = 0.05
+"""An occlusion lowering the score by less than this is noise, not a region."""
+
+
+def _strongest(drops: Tensor) -> Tensor:
+    """Where ``drops`` ([B, 1, n, n]) reach :data:`MIN_DROP` and half their image's largest."""
+    most = drops.flatten(1).amax(dim=1)[:, None, None, None]
+    return (drops >= MIN_DROP) & (drops >= 0.5 * most)
 
 
 def levels_and_flags(

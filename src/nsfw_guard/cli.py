@@ -155,9 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--action",
         default="blur",
-        choices=("blur", "pixelate", "blank"),
-        help="how --censor-to censors flagged images (default: blur)",
+        choices=("blur", "pixelate", "blank", "regions"),
+        help="how --censor-to censors flagged images (default: blur; regions: only the regions "
+        "that made it flagged, the whole image where that does not clear the flag)",
     )
+    _add_region_options(scan)
     scan.add_argument(
         "--copy-clean", action="store_true", help="with --censor-to, also copy clean images"
     )
@@ -214,8 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--threshold", type=float, default=0.5, help="default threshold (0.5)")
     serve.add_argument(
-        "--action", default="blur", choices=("blur", "pixelate", "blank"), help="default: blur"
+        "--action",
+        default="blur",
+        choices=("blur", "pixelate", "blank", "regions"),
+        help="default: blur",
     )
+    _add_region_options(serve)
     serve.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})"
     )
@@ -429,6 +435,7 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             level=args.level,
             threshold=args.threshold,
             action=args.action,
+            region_params=_region_params(args, parser),
             max_batch_size=args.max_batch_size,
             batch_timeout_ms=args.batch_timeout_ms,
             max_bytes=args.max_bytes,
@@ -456,6 +463,38 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         _say(f"nsfw-guard: serving {settings.model_name} on http://{args.host}:{args.port}/")
         server.run(host=args.host, port=args.port, generate_client_file=False, log_level="warning")
     return EXIT_OK
+
+
+def _add_region_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--region-margin",
+        type=float,
+        metavar="FRACTION",
+        help="with --action regions: grow each region by this fraction of the longer side "
+        "(default: 0.05)",
+    )
+    parser.add_argument(
+        "--region-censor",
+        choices=("blur", "pixelate"),
+        help="with --action regions: how the regions are censored (default: blur)",
+    )
+    parser.add_argument(
+        "--region-map",
+        choices=("occlusion", "cam"),
+        help="with --action regions: how the regions are found (default: occlusion)",
+    )
+
+
+def _region_params(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``action="regions"``'s settings from the command line, checked."""
+    from . import censor
+
+    given = {"margin": args.region_margin, "censor": args.region_censor, "map": args.region_map}
+    params = {name: value for name, value in given.items() if value is not None}
+    try:
+        return censor.check_params("regions", params)
+    except ValueError as error:
+        parser.error(str(error).replace("region margin=", "--region-margin "))
 
 
 def _add_allowed_hosts(parser: argparse.ArgumentParser) -> None:
@@ -731,6 +770,7 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             resume=args.resume,
             censor_to=copies,
             action=args.action,
+            censor_params=_region_params(args, parser) if args.action == "regions" else None,
             copy_clean=args.copy_clean,
             quiet=args.quiet,
             state=state,

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from . import DEFAULT_MODEL
 from .inputs import is_single_image, iter_image_batches
@@ -201,6 +203,40 @@ class NSFWDetector:
         """
         scores = [self.scorer.classify(*batch) for batch in self._batches(images, value_range)]
         return self._cat(scores, (0, 4)).float()
+
+    @torch.inference_mode()
+    def region_map(
+        self,
+        images: Any,
+        level: NSFWLevel | str | int | None = None,
+        value_range: str = "auto",
+    ) -> list[Tensor]:
+        """Per image, ``[H, W]`` float32 on the model's device: each patch's score at ``level``
+        (P(level >= it); the detector's level by default), upsampled to the image's size.
+
+        From the forward pass that scores the images (see :meth:`NSFWScorer.classify_with_map`),
+        with no host sync. Experimental: a CAM-style map, not checked to localize on the real
+        model (see the README).
+
+        Example:
+            >>> maps = detector.region_map([torch.rand(3, 64, 96), torch.rand(3, 32, 32)])
+            >>> [tuple(m.shape) for m in maps]
+            [(64, 96), (32, 32)]
+        """
+        level = self.level if level is None else parse_check_level(level)
+        maps: list[Tensor] = []
+        for batch in iter_image_batches(images, value_range):
+            size = list(batch.pixels.shape[-2:])
+            for start in range(0, batch.pixels.shape[0], self.batch_size):
+                piece = batch.pixels[start : start + self.batch_size]
+                _, patches = self.scorer.classify_with_map(
+                    *self.scorer.preprocess(piece, batch.value_range)
+                )
+                upsampled = TF.resize(
+                    patches[:, level.index, None], size, interpolation=InterpolationMode.BILINEAR
+                )
+                maps.extend(upsampled[:, 0].float())
+        return maps
 
     def predict_proba(self, images: Any, value_range: str = "auto") -> list[dict[NSFWLevel, float]]:
         """Per image, a dict from each level to its score (keys also match plain strings).

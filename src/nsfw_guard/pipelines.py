@@ -452,11 +452,22 @@ def guard(
     fill_color: tuple[float, float, float] | None = None,
     early_stop: bool | EarlyStop | None = None,
     compile: bool | dict[str, Any] | None = None,
+    region_margin: float | None = None,
+    region_shape: str | None = None,
+    region_feather: float | None = None,
+    region_censor: str | None = None,
+    region_map: str | None = None,
+    region_cells: int | None = None,
 ) -> Guard:
     """Check every image ``pipe`` generates; censor those at or above ``level`` with ``action``.
 
     ``action`` is ``"blur"`` (default), ``"pixelate"``, ``"blank"`` (``fill_color``, default
-    black), ``"none"`` (flag only) or a callable ``(images in [0, 1]) -> images``; ``level``
+    black), ``"none"`` (flag only), ``"regions"`` (only the regions that made an image flagged,
+    blurred or pixelated per ``region_censor``, grown by ``region_margin``, shaped by
+    ``region_shape`` and ``region_feather``, found by ``region_map`` on a ``region_cells`` grid;
+    the whole image wherever that does not clear the flag: see
+    :meth:`nsfw_guard.check.CheckStep.censor_regions`) or a callable
+    ``(images in [0, 1]) -> images``; ``level``
     defaults to ``"medium"`` and ``threshold`` to 0.5. ``model`` is a Hub id, a local folder, an
     :class:`NSFWDetector` whose weights (and dtype) are shared, or an :class:`NSFWSafetyChecker`
     (a reloaded pipeline's ``safety_checker``) whose weights are shared and whose saved
@@ -504,6 +515,12 @@ def guard(
         "blur_radius": blur_radius,
         "pixelate_block_size": pixelate_block_size,
         "fill_color": fill_color,
+        "region_margin": region_margin,
+        "region_shape": region_shape,
+        "region_feather": region_feather,
+        "region_censor": region_censor,
+        "region_map": region_map,
+        "region_cells": region_cells,
     }
     settings = {**_settings_of(saved), **{k: v for k, v in given.items() if v is not None}}
     settings["level"] = parse_check_level(settings["level"]).value
@@ -551,6 +568,7 @@ _DEFAULT_SETTINGS = {
     "blur_radius": censor.DEFAULT_BLUR_RADIUS,
     "pixelate_block_size": None,
     "fill_color": (0.0, 0.0, 0.0),
+    **{f"region_{name}": value for name, value in censor.REGION_DEFAULTS.items()},
 }
 
 

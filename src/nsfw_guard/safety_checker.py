@@ -46,6 +46,7 @@ SETTINGS = (
     "pixelate_block_size",
     "fill_color",
     "early_stop",
+    *(f"region_{name}" for name in censor.REGION_DEFAULTS),
 )
 """What a checker decides and how it censors, and when a guard stops runs early: the arguments
 ``guard()`` passes on (``early_stop`` as :meth:`nsfw_guard.EarlyStop.to_config` gives it)."""
@@ -73,6 +74,12 @@ class NSFWSafetyCheckerConfig(PretrainedConfig):
         fill_color: tuple[float, float, float] = (0.0, 0.0, 0.0),
         classifier_dtype: str = "auto",
         early_stop: dict[str, Any] | None = None,
+        region_margin: float = censor.DEFAULT_REGION_MARGIN,
+        region_shape: str = "rect",
+        region_feather: float = 0.0,
+        region_censor: str = "blur",
+        region_map: str = "occlusion",
+        region_cells: int = censor.DEFAULT_REGION_CELLS,
         **kwargs: Any,
     ):
         self.architecture = architecture
@@ -86,6 +93,12 @@ class NSFWSafetyCheckerConfig(PretrainedConfig):
         self.fill_color = list(fill_color)
         self.classifier_dtype = _check_dtype_name(classifier_dtype)
         self.early_stop = dict(early_stop) if early_stop is not None else None
+        self.region_margin = region_margin
+        self.region_shape = region_shape
+        self.region_feather = region_feather
+        self.region_censor = region_censor
+        self.region_map = region_map
+        self.region_cells = region_cells
         super().__init__(**kwargs)
 
 
@@ -142,6 +155,13 @@ class NSFWSafetyChecker(PreTrainedModel):
             "blur": censor.check_params("blur", {"radius": config.blur_radius}),
             "pixelate": censor.check_params("pixelate", {"block_size": config.pixelate_block_size}),
         }
+        params["regions"] = censor.check_params(
+            "regions",
+            {
+                **{name: getattr(config, f"region_{name}") for name in censor.REGION_DEFAULTS},
+                **params.get(config.region_censor, {}),
+            },
+        )
         self.check_step = CheckStep(
             NSFWScorer(model, data_config),
             level=config.level,

@@ -238,6 +238,7 @@ def scan(
     resume: bool = False,
     censor_to: str | os.PathLike | CopyFolder | None = None,
     action: censor.Action = "blur",
+    censor_params: dict[str, Any] | None = None,
     copy_clean: bool = False,
     max_frames: int = 0,
     quiet: bool = False,
@@ -280,7 +281,9 @@ def scan(
         raise ValueError("scan() with an engine writes no copies and runs in one process")
     step = None
     if scorer is not None:
-        step = CheckStep(scorer, level=level, threshold=threshold, action=action)
+        step = CheckStep(
+            scorer, level=level, threshold=threshold, action=action, censor_params=censor_params
+        )
         workers = decoding_workers(workers, batch_size, scorer.preprocess.config.input_size)
     copies = censor_to if isinstance(censor_to, CopyFolder | None) else CopyFolder(censor_to)
     if copies is not None:

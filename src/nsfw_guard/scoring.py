@@ -103,3 +103,79 @@ class NSFWScorer(nn.Module):
                 time.perf_counter() - start,
             )
         return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def classify_with_map(self, pixels: Tensor, verifiable: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores, and ``[B, 4, h, w]`` level scores per patch, from the same forward pass.
+
+        The model averages its patch tokens before ``fc_norm`` and ``head``; the patch map
+        applies the same norm and head to each token (a CAM-style map; the norm after pooling
+        makes it no exact decomposition of the scores). Unverifiable images get the worst case
+        on every patch.
+
+        Example:
+            >>> scorer, images = detector.scorer, torch.rand(2, 3, 64, 64)
+            >>> scores, patches = scorer.classify_with_map(*scorer.preprocess(images))
+            >>> torch.equal(scores, scorer(images)), patches.shape
+            (True, torch.Size([2, 4, 32, 32]))
+        """
+        model = self.model
+        pooling = getattr(model, "global_pool", None)
+        if pooling != "avg" or getattr(model, "attn_pool", None):
+            raise ValueError(
+                "a patch map needs a model that averages its patch tokens (timm global_pool="
+                f"'avg'); {type(model).__name__} pools with {pooling!r}."
+            )
+        dtype = next(model.parameters()).dtype
+        tokens = model.forward_features(pixels.to(dtype))
+        scores = mark_unverifiable(cumulative_scores(model.forward_head(tokens)), verifiable)
+        patches = tokens[:, model.num_prefix_tokens :]
+        count, height_width = patches.shape[1], tuple(model.patch_embed.grid_size)
+        patch_logits = model.head(model.fc_norm(patches)).flatten(0, 1)
+        patch_scores = mark_unverifiable(
+            cumulative_scores(patch_logits), verifiable.repeat_interleave(count)
+        )
+        patch_scores = patch_scores.view(-1, *height_width, patch_scores.shape[-1])
+        return scores, patch_scores.permute(0, 3, 1, 2)
+
+    def occlusion_map(
+        self,
+        images: Tensor,
+        level: int | Tensor,
+        cells: int = 4,
+        window: int = 1,
+        value_range: str = "0,1",
+    ) -> Tensor:
+        """How much hiding each ``window x window`` block of cells of a ``cells x cells`` grid
+        over the image (filled with the image's mean colour) lowers its score at ``level`` (an
+        index, or ``[B]`` indices): ``[B, 1, n, n]``, ``n = cells - window + 1`` (blocks step one
+        cell), from one batched forward of ``B x (n² + 1)`` images.
+
+        Float images only. NaN where the image cannot be scored (NaN or Inf pixels).
+
+        Example:
+            >>> scorer, images = detector.scorer, torch.rand(2, 3, 64, 64)
+            >>> drops = scorer.occlusion_map(images, level=2, cells=3)
+            >>> drops.shape, bool(drops.abs().max() < 1e-3)  # a forced "medium": nothing helps
+            (torch.Size([2, 1, 3, 3]), True)
+        """
+        batch, _, height, width = images.shape
+        device, blocks = images.device, cells - window + 1
+        starts = torch.arange(blocks, device=device)[:, None]
+        rows = (torch.arange(height, device=device) * cells // height)[None]
+        columns = (torch.arange(width, device=device) * cells // width)[None]
+        hidden_rows = (rows >= starts) & (rows < starts + window)
+        hidden_columns = (columns >= starts) & (columns < starts + window)
+        hidden = (hidden_rows[:, None, :, None] & hidden_columns[None, :, None, :]).flatten(0, 1)
+        fill = images.mean(dim=(-2, -1), keepdim=True)[:, None]
+        variants = torch.where(hidden[None, :, None], fill, images[:, None])
+        everything = torch.cat([images[:, None], variants], dim=1).flatten(0, 1)
+        count = blocks * blocks + 1
+        scores = self(everything, value_range).view(batch, count, -1)
+        if isinstance(level, Tensor):
+            at_level = scores.gather(2, level.view(-1, 1, 1).expand(-1, count, 1))[..., 0]
+        else:
+            at_level = scores[..., level]
+        unverifiable = ~torch.isfinite(images).flatten(1).all(dim=1)
+        drops = at_level[:, :1] - at_level[:, 1:]
+        drops = torch.where(unverifiable[:, None], torch.full_like(drops, float("nan")), drops)
+        return drops.view(batch, 1, blocks, blocks)

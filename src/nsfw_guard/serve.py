@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -54,7 +54,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, censor
 from .access import bearer_matches, wrong_host
 from .check import CheckStep
 from .levels import NSFWLevel
@@ -63,7 +63,7 @@ from .prepared import Prepared, check_prepared, prepare_bytes
 __all__ = ["ACTIONS", "LEVELS", "ModerationAPI", "RequestGate", "ServeSettings", "build_server"]
 
 LEVELS = ("low", "medium", "high")
-ACTIONS = ("blur", "pixelate", "blank")
+ACTIONS = ("blur", "pixelate", "blank", "regions")
 _WORKER_PATH = "/internal/check"  # LitServe's route; only the gate sends requests there
 _ROUTES = {"/v1/moderate": "moderate", "/v1/censor": "censor"}
 _SCORES = ("neutral", "low", "medium", "high")
@@ -90,6 +90,9 @@ class ServeSettings:
     level: str = "medium"
     threshold: float = 0.5
     action: str = "blur"
+    region_params: dict[str, Any] = field(default_factory=dict)
+    """``action="regions"``'s settings (``margin``, ``censor``, ``map``...: see
+    :meth:`nsfw_guard.check.CheckStep.censor_regions`)."""
     max_batch_size: int = 16
     batch_timeout_ms: float = 10.0
     max_bytes: int = 20 * 2**20
@@ -562,7 +565,9 @@ class ModerationAPI(ls.LitAPI):
         self.scorer = detector.scorer
         self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
         self.steps = {
-            action: CheckStep(self.scorer, action=action, threshold=0.0) for action in ACTIONS
+            action: CheckStep(self.scorer, action=action, threshold=0.0)
+            for action in ACTIONS
+            if action != "regions"
         }
 
     # LitServe reads these two signatures for its route: no annotations (they would be strings
@@ -707,7 +712,16 @@ class ModerationAPI(ls.LitAPI):
             frames=verdict["frames"],
             frames_checked=verdict["frames_checked"],
         )
-        written = save_censored(data, buffer, self.steps[job.action], recorded)
+        step = self.steps.get(job.action)
+        if step is None:  # "regions": its map and re-check need the request's level and threshold
+            step = CheckStep(
+                self.scorer,
+                level=job.level,
+                threshold=job.threshold,
+                action="regions",
+                censor_params=self.settings.region_params,
+            )
+        written = save_censored(data, buffer, step, recorded)
         headers["X-NSFW-Action"] = job.action
         media_type = Image.MIME.get(written, "application/octet-stream")
         return Response(buffer.getvalue(), media_type=media_type, headers=headers)
@@ -726,6 +740,7 @@ def build_server(settings: ServeSettings, *, accelerator: str = "auto") -> ls.Li
         >>> server = build_server(ServeSettings(model=str(make_checkpoint(tempfile.mkdtemp()))))
         >>> server.run(host="127.0.0.1", port=8000, generate_client_file=False)  # doctest: +SKIP
     """
+    censor.check_params("regions", settings.region_params)  # a bad setting fails before serving
     return _ModerationServer(
         ModerationAPI(settings),
         accelerator=accelerator,

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
@@ -20,8 +20,11 @@ __all__ = [
     "ARCHITECTURE",
     "TINY_MODEL_ARGS",
     "make_checkpoint",
+    "make_square_checkpoint",
     "make_tiny_decoder",
     "make_tiny_pipeline",
+    "square_cells",
+    "square_images",
 ]
 
 PRETRAINED_TAG = "mim_in22k_ft_in22k_in1k"
@@ -38,13 +41,15 @@ def make_checkpoint(
     level: NSFWLevel | str | int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    model_args: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint in the Hub's ``timm_wrapper`` format and return its folder.
 
     ``tiny`` keeps the real architecture, input size and preprocessing with one narrow block;
     ``full`` is the real size (86M parameters). ``level`` forces that class to win for every input
     (head weights zero, a large bias), while the rest of the network still runs. The global RNG is
-    left untouched.
+    left untouched. ``model_args`` override the architecture's (an ``img_size`` also sets the
+    checkpoint's input size).
 
     Example:
         >>> import tempfile
@@ -57,13 +62,16 @@ def make_checkpoint(
         raise ValueError(f"size={size!r}: expected 'tiny' or 'full'.")
     pretrained_cfg = timm.models.get_pretrained_cfg(f"{ARCHITECTURE}.{PRETRAINED_TAG}").to_dict()
     pretrained_cfg.pop("num_classes", None)
+    args = {**(TINY_MODEL_ARGS if size == "tiny" else {}), **(model_args or {})}
+    if "img_size" in args:
+        pretrained_cfg["input_size"] = [3, args["img_size"], args["img_size"]]
     config = TimmWrapperConfig(
         architecture=ARCHITECTURE,
         num_labels=len(LABELS),
         id2label=dict(enumerate(LABELS)),
         label2id={label: i for i, label in enumerate(LABELS)},
         pretrained_cfg=pretrained_cfg,
-        model_args=dict(TINY_MODEL_ARGS) if size == "tiny" else None,
+        model_args=args or None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -79,6 +87,96 @@ def make_checkpoint(
         model.to(dtype).save_pretrained(folder, safe_serialization=True)
     _prefix_weight_keys(folder / "model.safetensors")
     return folder
+
+
+SQUARE_MODEL_ARGS = {"img_size": 32, "patch_size": 8}
+"""The toy classifier of :func:`make_square_checkpoint`: 32² input, a 4 x 4 patch grid."""
+
+
+def square_images(
+    count: int, generator: torch.Generator, size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` toy images in [0, 1], every other one (from the first) with a magenta square
+    (a sixth to a third of the side) on a random flat, slightly noisy background, and their
+    ``[count, 1, size, size]`` square masks (all false for the others).
+
+    Example:
+        >>> images, masks = square_images(4, torch.Generator().manual_seed(0))
+        >>> images.shape, masks.flatten(1).any(dim=1).tolist()
+        (torch.Size([4, 3, 64, 64]), [True, False, True, False])
+    """
+    images = torch.rand(count, 3, 1, 1, generator=generator) * 0.8 + 0.1
+    images = (images + 0.1 * torch.rand(count, 3, size, size, generator=generator)).clamp(0, 1)
+    masks = torch.zeros(count, 1, size, size, dtype=torch.bool)
+    for index in range(0, count, 2):
+        side = int(torch.randint(size // 6, size // 3, (1,), generator=generator))
+        top, left = torch.randint(0, size - side, (2,), generator=generator).tolist()
+        masks[index, :, top : top + side, left : left + side] = True
+    magenta = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    return torch.where(masks, magenta, images), masks
+
+
+def square_cells(masks: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of ``[B, 1, H, W]`` square masks and cell of a ``cells x cells`` grid: the
+    share of the square the cell holds, and whether it touches the square.
+
+    Example:
+        >>> masks = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+        >>> masks[..., :2, :3] = True
+        >>> share, touched = square_cells(masks, 2)
+        >>> (share * 3).round().tolist(), touched.tolist()
+        ([[[2.0, 1.0], [0.0, 0.0]]], [[[True, True], [False, False]]])
+    """
+    size = masks.shape[-1]
+    index = torch.arange(size) * cells // size
+    cell_of_pixel = index[:, None] * cells + index[None, :]
+    in_cell = cell_of_pixel == torch.arange(cells * cells)[:, None, None]
+    hits = (masks[:, 0, None] & in_cell).flatten(2).sum(dim=2).float()
+    share = hits / hits.sum(dim=1, keepdim=True)
+    return share.view(-1, cells, cells), (hits > 0).view(-1, cells, cells)
+
+
+def make_square_checkpoint(path: str | os.PathLike, steps: int = 400, seed: int = 0) -> Path:
+    """Train a toy EVA02 (:data:`SQUARE_MODEL_ARGS`, one narrow block) on
+    :func:`square_images` with image labels only (a square: "high", none: "neutral") for
+    ``steps`` steps of 32 images on the CPU (about 5 s), and write it in the Hub's format.
+
+    A model that learned what to flag, for testing what region maps find; the global RNG is
+    left untouched.
+    """
+    from .model import load_model
+    from .scoring import NSFWScorer
+
+    folder = make_checkpoint(path, model_args=SQUARE_MODEL_ARGS, seed=seed)
+    loaded = load_model(folder, device="cpu", dtype=torch.float32)
+    scorer = NSFWScorer(loaded.model, loaded.data_config)
+    model = loaded.model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: threads only contend (30x slower on 2 busy cores)
+    try:
+        _train(model, scorer, optimizer, generator, steps)
+    finally:
+        torch.set_num_threads(threads)
+    weights = {f"timm_model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _train(model, scorer, optimizer, generator: torch.Generator, steps: int) -> None:
+    from torch.nn import functional as F
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator.initial_seed())
+        for _ in range(steps):
+            images, masks = square_images(32, generator)
+            labels = masks.flatten(1).any(dim=1).long() * NSFWLevel.HIGH.index
+            pixels, _ = scorer.preprocess(images, "0,1")
+            loss = F.cross_entropy(model(pixels), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
 
 
 def _prefix_weight_keys(file: Path, prefix: str = "timm_model.") -> None:

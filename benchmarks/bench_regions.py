@@ -1,0 +1,143 @@
+"""Region maps: what the map costs on top of the scores, and whether it finds what was flagged.
+
+    python benchmarks/bench_regions.py            # cost (tiny and full size) + localization
+    python benchmarks/bench_regions.py --quick    # tiny only, a short training: mechanics only
+
+- **cost**: extra ms per image of :meth:`NSFWScorer.classify_with_map` (the per-patch map from the
+  same forward pass, upsampled to 512²) over :meth:`NSFWScorer.classify`, of turning the map
+  into a censor mask and blending it (:func:`region_alpha` + :func:`censor_regions`, 512²), and
+  of the occlusion map ``action="regions"`` uses by default (4 x 4 cells and 3 x 3 blocks: 27
+  forwards). Random weights of the real architecture, tiny and full size.
+- **localization**: the toy EVA02 of :func:`make_square_checkpoint` (32² input, 8-pixel
+  patches, one block) trained here on 64² synthetic images, a magenta square on a random
+  background = "high", none = "neutral" (image labels only, as the real model was trained),
+  loaded by the real loader. Per held-out square image it flags: do all the cells holding a
+  quarter of the square or more score above every cell it does not touch (4 x 4 cells: the
+  patch grid), for the patch map (cam) and the occlusion map?
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from _common import RESULTS, machine, measure, print_table, write_json
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from nsfw_guard.censor import censor_regions, region_alpha
+from nsfw_guard.model import load_model
+from nsfw_guard.scoring import NSFWScorer
+from nsfw_guard.testing import (
+    make_checkpoint,
+    make_square_checkpoint,
+    square_cells,
+    square_images,
+)
+
+TOY = {"img_size": 64, "patch_size": 8}
+HIGH = 3
+
+
+def cost_row(device: str, size: str, repeats: int) -> dict:
+    folder = make_checkpoint(tempfile.mkdtemp(), size=size)
+    loaded = load_model(folder, device=device)
+    scorer = NSFWScorer(loaded.model, loaded.data_config).to(device)
+    images = torch.rand(1, 3, 512, 512, device=device)
+    pixels, ok = scorer.preprocess(images, "0,1")
+
+    def plain():
+        scorer.classify(pixels, ok)
+
+    def with_map():
+        _, patches = scorer.classify_with_map(pixels, ok)
+        TF.resize(patches[:, HIGH, None], [512, 512], interpolation=InterpolationMode.BILINEAR)
+
+    _, patches = scorer.classify_with_map(pixels, ok)
+
+    def mask_and_blend():
+        alpha = region_alpha(patches[:, HIGH, None], 0.5, (512, 512), feather=0.02)
+        censor_regions(images, torch.zeros_like(images), alpha)
+
+    def occlusion():
+        scorer.occlusion_map(images, HIGH, cells=4)
+        scorer.occlusion_map(images, HIGH, cells=4, window=2)
+
+    with torch.inference_mode():
+        base = measure(plain, device, repeats)[0]
+        mapped = measure(with_map, device, repeats)[0]
+        censor = measure(mask_and_blend, device, repeats)[0]
+        occluded = measure(occlusion, device, 1 if size == "full" else repeats)[0]
+    return {
+        "size": size,
+        "device": device,
+        "dtype": str(loaded.model.patch_embed.proj.weight.dtype).removeprefix("torch."),
+        "scores_ms": base * 1e3,
+        "scores_and_map_ms": mapped * 1e3,
+        "map_extra_ms": (mapped - base) * 1e3,
+        "mask_and_blend_ms": censor * 1e3,
+        "occlusion_map_4x4_ms": occluded * 1e3,
+        "occlusion_extra_forwards": 16 + 9 + 2,
+    }
+
+
+def localization(steps: int) -> list[dict]:
+    folder = make_square_checkpoint(tempfile.mkdtemp(), steps=steps)
+    trained = load_model(folder, device="cpu", dtype=torch.float32)  # the real loader
+    scorer = NSFWScorer(trained.model, trained.data_config)
+    images, masks = square_images(200, torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        scores, patches = scorer.classify_with_map(*scorer.preprocess(images, "0,1"))
+        drops = scorer.occlusion_map(images, HIGH, cells=4)
+    flagged = scores[:, HIGH] >= 0.5
+    high = masks.flatten(1).any(dim=1)
+    keep = flagged & high
+    share, touched = square_cells(masks[keep], 4)
+    rows = []
+    for name, values in (("cam", patches[keep, HIGH]), ("occlusion 4x4", drops[keep, 0])):
+        found = [
+            bool(v[own >= 0.25].min() > v[~near].max())
+            for v, own, near in zip(values, share, touched, strict=True)
+        ]
+        pairs = zip(values, touched, strict=True)
+        top = [bool(near.flatten()[v.flatten().argmax()]) for v, near in pairs]
+        rows.append(
+            {
+                "map": name,
+                "train_steps": steps,
+                "accuracy": float((flagged == high).float().mean()),
+                "flagged_square_images": len(found),
+                "localized_fraction": sum(found) / max(1, len(found)),
+                "top_cell_on_square": sum(top) / max(1, len(top)),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny only, a short training")
+    parser.add_argument(
+        "--steps", type=int, help="training steps of the toy model (default: 400; --quick: 10)"
+    )
+    parser.add_argument("--output", type=Path, help="JSON path (default: results/standalone/)")
+    args = parser.parse_args()
+    sizes = ["tiny"] if args.quick else ["tiny", "full"]
+    cost = [cost_row(args.device, size, 1 if args.quick else 5) for size in sizes]
+    print_table("Region map cost, batch 1, 512² input", cost)
+    found = localization(args.steps or (10 if args.quick else 400))
+    print_table("Does the map find the square? (toy EVA02, image labels only)", found)
+    results = {"machine": machine(), "cost": cost, "localization": found}
+    output = args.output
+    if output is None:
+        info = results["machine"]
+        slug = (info["gpu"] or f"cpu-{info['cpu_cores']}-cores").lower().replace(" ", "-")
+        output = RESULTS / "standalone" / f"regions-{slug}.json"
+    print(f"\nwrote {write_json('bench_regions', results, output)}")
+
+
+if __name__ == "__main__":
+    main()

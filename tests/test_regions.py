@@ -1,0 +1,343 @@
+"""Region maps from the classifier's own forward pass, and censoring only the regions they mark."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nsfw_guard import NSFWDetector, NSFWSafetyChecker, censor, guard, unguard
+from nsfw_guard.censor import censor_regions, region_alpha
+from nsfw_guard.check import CheckStep
+from nsfw_guard.cli import EXIT_OK, EXIT_USAGE, main
+from nsfw_guard.copies import save_censored
+from nsfw_guard.model import load_model
+from nsfw_guard.preprocess import to_unit_range
+from nsfw_guard.scoring import NSFWScorer
+from nsfw_guard.testing import make_checkpoint, make_tiny_pipeline, square_cells, square_images
+
+from .conftest import make_brightness_checkpoint
+from .test_scoring import assert_no_host_sync
+
+SQUARE = (slice(16, 32), slice(24, 40))  # rows, columns of the bright square in a 64x64 image
+
+
+@pytest.fixture(scope="module")
+def bright_folder(tmp_path_factory):
+    """Each patch token is its patch's brightness: 'high' where brighter than the pivot (in
+    normalized units), 'neutral' where darker. The pivot lies between the mean of a dark image
+    (-1.30) and of one with a bright square on 1/16 of it (-1.10)."""
+    return make_brightness_checkpoint(tmp_path_factory.mktemp("bright"), -1.2)
+
+
+@pytest.fixture(scope="module")
+def step(bright_folder) -> CheckStep:
+    loaded = load_model(bright_folder, device="cpu", dtype=torch.float32)
+    scorer = NSFWScorer(loaded.model, loaded.data_config)
+    return CheckStep(scorer, level="high", threshold=0.5, action="blur").eval()
+
+
+def _images() -> torch.Tensor:
+    """[-1, 1] images: dark with a bright square, all dark, and one with a NaN pixel."""
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.2 - 0.9
+    images[0, :, SQUARE[0], SQUARE[1]] = 0.9
+    images[2, 0, 5, 5] = float("nan")
+    return images
+
+
+def _far_from_square(pixels: int) -> torch.Tensor:
+    """[64, 64] bool: the pixels more than ``pixels`` away from the square (in rows or columns)."""
+    rows, columns = torch.arange(64)[:, None], torch.arange(64)[None, :]
+    return (
+        (rows < SQUARE[0].start - pixels)
+        | (rows >= SQUARE[0].stop + pixels)
+        | (columns < SQUARE[1].start - pixels)
+        | (columns >= SQUARE[1].stop + pixels)
+    )
+
+
+def test_map_marks_the_square_from_the_same_forward_pass(step):
+    images = _images()
+    with torch.inference_mode():
+        output = step.run(images, with_map=True)
+        plain = step.run(images)
+    assert torch.equal(output.scores, plain.scores) and torch.equal(output.images, plain.images)
+    assert output.flags.tolist() == [True, False, True]
+    region_map = output.region_map[:, 0]
+    assert region_map.shape == (3, 64, 64) and region_map.dtype == torch.float32
+    inside = region_map[0, SQUARE[0].start + 2 : SQUARE[0].stop - 2, 26:38]
+    assert inside.min() > 0.9
+    assert region_map[0][_far_from_square(3)].max() < 0.1
+    assert region_map[1].max() < 0.1  # a dark image: nothing marked
+    assert region_map[2].eq(1).all()  # NaN pixels: unverifiable, the worst case everywhere
+
+
+def test_detector_region_map_fits_each_image(bright_folder):
+    detector = NSFWDetector(bright_folder, device="cpu", dtype=torch.float32, level="high")
+    images = _images()
+    maps = detector.region_map([images[0], images[1, :, :40]], value_range="-1,1")
+    assert [tuple(m.shape) for m in maps] == [(64, 64), (40, 64)]
+    assert maps[0][20, 30] > 0.9 and maps[1].max() < 0.1
+
+
+class _RegionsCheck(torch.nn.Module):
+    """The check step with its map output, then only the marked regions censored."""
+
+    def __init__(self, step: CheckStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, images):
+        output = self.step.run(images, flagged_range="unit", with_map=True)
+        alpha = region_alpha(output.region_map, self.step.threshold, images.shape[-2:])
+        unit = to_unit_range(images, "-1,1")
+        # Unverifiable images come back blanked whole, as from the check step.
+        alpha = torch.where(output.verifiable[:, None, None, None], alpha, torch.ones_like(alpha))
+        regions = censor_regions(unit, output.images, alpha)
+        return torch.where(output.flags[:, None, None, None], regions, images), output.region_map
+
+
+def test_regions_censor_only_pixels_near_the_square_and_export_without_host_sync(step):
+    module = _RegionsCheck(step)
+    exported = torch.export.export(module, (_images(),))
+    assert_no_host_sync(exported)
+    images = _images()
+    with torch.inference_mode():
+        out, region_map = exported.module()(images)
+        expected = module(images)
+    torch.testing.assert_close(out, expected[0], equal_nan=True)
+    torch.testing.assert_close(region_map, expected[1])
+    unit = to_unit_range(images, "-1,1")
+    # The default margin (5% of 64 px: 3 px), plus the patch (2 px here) along the square's
+    # edge, which the bicubic resize's overshoot brightens.
+    far = _far_from_square(5)
+    assert torch.equal(out[0][:, far], unit[0][:, far])  # untouched, bit for bit
+    changed = (out[0] - unit[0]).abs().amax(dim=0) > 1e-3
+    assert changed[SQUARE].float().mean() > 0.9  # the square is blurred
+    assert torch.equal(out[1], images[1])  # not flagged: the input, bit for bit
+    assert out[2].eq(0).all()  # unverifiable: blanked whole
+
+
+def test_region_alpha_grows_by_the_margin_in_its_shape():
+    region_map = torch.zeros(1, 1, 8, 8)
+    region_map[0, 0, 4, 4] = 0.9  # one cell: pixels 64-79 of 128
+    rect = region_alpha(region_map, 0.5, (128, 128), margin=0.0)[0, 0]
+    assert rect[64:80, 64:80].eq(1).all() and rect.sum() == 16 * 16
+    grown = region_alpha(region_map, 0.5, (128, 128), margin=0.1)[0, 0]  # 13 px
+    assert grown[51:93, 51:93].eq(1).all() and grown.sum() == 42 * 42
+    ellipse = region_alpha(region_map, 0.5, (128, 128), margin=0.1, shape="ellipse")[0, 0]
+    assert ellipse[72, 51:93].eq(1).all() and ellipse[51, 51] == 0  # round: no corners
+    assert ellipse.sum() < grown.sum()
+    feathered = region_alpha(region_map, 0.5, (128, 128), margin=0.1, feather=0.05)[0, 0]
+    assert feathered[51:93, 51:93].eq(1).all()  # the soft edge lies outside, never inside
+    assert 0 < feathered[72, 45] < 1 and feathered[0, 0] < 1e-3
+
+
+def test_a_flagged_image_with_no_marked_region_is_censored_whole():
+    region_map = torch.full((2, 1, 4, 4), 0.2)
+    region_map[1, 0, 0, 0] = float("nan")  # a map that cannot be read marks its cell
+    alpha = region_alpha(region_map, 0.5, (32, 48))
+    assert alpha[0].eq(1).all()
+    assert alpha[1, 0, :8, :12].eq(1).all() and alpha[1].mean() < 0.5
+
+
+def test_bad_region_settings_are_clear_errors():
+    region_map = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"region margin=2: .*\[0, 1\]"):
+        region_alpha(region_map, 0.5, (8, 8), margin=2)
+    with pytest.raises(ValueError, match="region shape='box'"):
+        region_alpha(region_map, 0.5, (8, 8), shape="box")
+    with pytest.raises(ValueError, match="region feather=-0.1"):
+        region_alpha(region_map, 0.5, (8, 8), feather=-0.1)
+
+
+# action="regions", on a toy EVA02 trained to flag a magenta square (image labels only) ---------
+
+LOCALIZED_SHARE = 0.25  # a cell holding a quarter of the square or more is one of "its" cells
+
+
+@pytest.fixture(scope="module")
+def square_scorer(square_checkpoint) -> NSFWScorer:
+    loaded = load_model(square_checkpoint, device="cpu", dtype=torch.float32)
+    return NSFWScorer(loaded.model, loaded.data_config).eval()
+
+
+def _regions_step(scorer, **params) -> CheckStep:
+    # A strong blur: the toy flags magenta, which the default blur leaves magenta.
+    params = {"radius": 0.25, "margin": 0.1, **params}
+    return CheckStep(scorer, level="high", threshold=0.5, action="regions", censor_params=params)
+
+
+def _localized(values: torch.Tensor, masks: torch.Tensor) -> list[bool]:
+    """Per image: do all the square's cells score above every cell it does not touch?"""
+    share, touched = square_cells(masks, values.shape[-1])
+    return [
+        bool(value[own >= LOCALIZED_SHARE].min() > value[~near].max())
+        for value, own, near in zip(values, share, touched, strict=True)
+    ]
+
+
+def test_the_occlusion_map_localizes_the_square_where_the_patch_map_does_not(square_scorer):
+    images, masks = square_images(40, torch.Generator().manual_seed(1))
+    images, masks = images[::2], masks[::2]  # the 20 with a square
+    with torch.inference_mode():
+        drops = square_scorer.occlusion_map(images, level=3, cells=4)[:, 0]
+        scores, patches = square_scorer.classify_with_map(*square_scorer.preprocess(images, "0,1"))
+    flagged = scores[:, 3] >= 0.5
+    assert flagged.sum() >= 18  # the toy learned to flag them (19 of 20: one small square not)
+    occlusion = _localized(drops[flagged], masks[flagged])
+    cam = _localized(patches[flagged, 3], masks[flagged])  # 4 x 4 patches: the same cells
+    # 17-18 of 19 here; 74% of 97 in benchmarks/bench_regions.py (a square across a cell edge)
+    assert sum(occlusion) >= 0.7 * len(occlusion), occlusion
+    _, touched = square_cells(masks[flagged], 4)
+    pairs = zip(drops[flagged], touched, strict=True)
+    tops = [bool(t.flatten()[d.flatten().argmax()]) for d, t in pairs]
+    assert all(tops)  # the cell whose hiding lowers the score most is always on the square
+    assert sum(cam) <= 0.25 * len(cam), cam  # the patch map inverts as the model learns
+
+
+def test_regions_censor_only_near_the_square_and_leave_the_rest_bit_identical(square_scorer):
+    images, masks = square_images(8, torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        output = _regions_step(square_scorer).run(images, value_range="0,1")
+        rescored = square_scorer(output.images, "0,1")
+    assert output.flags.tolist() == [True, False] * 4
+    assert rescored[:, 3].max() < 0.5  # what comes out is not flagged
+    assert torch.equal(output.images[1::2], images[1::2])  # neutral: bit-identical
+    # Within a cell (16 px) and the margin (10%: 6 px) of the square: the map's resolution.
+    near = torch.nn.functional.max_pool2d(masks.float(), 2 * 22 + 1, stride=1, padding=22) > 0
+    changed = (output.images != images).any(dim=1, keepdim=True)
+    for index in range(0, 8, 2):
+        assert not changed[index][~near[index]].any()  # far from it: bit for bit
+        # Most of the square is censored: its edges past the margin may be left, as long as
+        # what is left is no longer flagged (the re-check above).
+        assert changed[index][masks[index]].float().mean() > 0.75
+        assert changed[index].float().mean() < 0.75  # not the whole image (19-58% here)
+
+
+def test_regions_censor_whole_where_the_regions_do_not_clear_the_flag(square_scorer, tmp_path):
+    images, _ = square_images(2, torch.Generator().manual_seed(3))
+    two = images[:1].clone()
+    two[..., :8, :8] = torch.tensor([1.0, 0.0, 1.0]).view(3, 1, 1)  # a second square
+    two[..., 56:, 56:] = torch.tensor([1.0, 0.0, 1.0]).view(3, 1, 1)  # and a third
+    step = _regions_step(square_scorer, radius=0.08)  # the default blur leaves magenta
+    with torch.inference_mode():
+        output = step.run(torch.cat([images[:1], two]), value_range="0,1")
+        whole = CheckStep(square_scorer, level="high", action="blur").run(
+            torch.cat([images[:1], two]), value_range="0,1"
+        )
+    assert output.flags.all()
+    assert torch.equal(output.images, whole.images)  # censored whole, as by action="blur"
+    forced = load_model(make_checkpoint(tmp_path, level="high"), device="cpu")
+    forced_step = _regions_step(NSFWScorer(forced.model, forced.data_config))
+    with torch.inference_mode():
+        output = forced_step.run(images, value_range="0,1")
+    blurred = censor.blur(images, radius=0.25)
+    assert torch.equal(output.images, blurred)  # no cell lowers the score: all of it
+
+
+@pytest.mark.parametrize("region_map", ["occlusion", "cam"])
+def test_regions_action_exports_without_host_sync_and_blanks_unverifiable(
+    square_scorer, region_map
+):
+    images, _ = square_images(4, torch.Generator().manual_seed(4))
+    images[3, 0, 5, 5] = float("nan")
+    step = _regions_step(square_scorer, map=region_map)
+    exported = torch.export.export(step, (images, "0,1"))
+    assert_no_host_sync(exported)
+    with torch.inference_mode():
+        out, flags, _ = exported.module()(images, "0,1")
+        expected, _, _ = step(images, "0,1")
+    assert torch.equal(out, expected)
+    assert flags.tolist() == [True, False, True, True]
+    assert out[3].eq(0).all()  # NaN pixels: blanked whole
+
+
+def test_regions_settings_are_checked():
+    with pytest.raises(ValueError, match="region_map='grad'"):
+        censor.check_params("regions", {"map": "grad"})
+    with pytest.raises(ValueError, match="block_size= is not a parameter of region_censor='blur'"):
+        censor.check_params("regions", {"block_size": 8})
+    with pytest.raises(ValueError, match="region margin=3"):
+        censor.check_params("regions", {"margin": 3})
+    with pytest.raises(ValueError, match="needs the classifier"):
+        censor.apply(torch.rand(1, 3, 4, 4), torch.tensor([True]), "regions")
+
+
+def test_the_checker_saves_and_reloads_its_region_settings(square_checkpoint, tmp_path):
+    settings = {
+        "region_margin": 0.1,
+        "region_shape": "ellipse",
+        "region_feather": 0.02,
+        "region_censor": "pixelate",
+        "region_map": "cam",
+        "region_cells": 6,
+        "pixelate_block_size": 4,
+    }
+    checker = NSFWSafetyChecker.from_pretrained(square_checkpoint, action="regions", **settings)
+    checker.save_pretrained(tmp_path)
+    reloaded = NSFWSafetyChecker.from_pretrained(tmp_path)
+    assert reloaded.config.action == "regions"
+    assert {name: getattr(reloaded.config, name) for name in settings} == settings
+    expected = {"margin": 0.1, "shape": "ellipse", "feather": 0.02, "censor": "pixelate"}
+    expected |= {"map": "cam", "cells": 6, "block_size": 4}
+    assert reloaded.check_step.censor_params == expected
+    with pytest.raises(ValueError, match="region_map='grad'"):
+        NSFWSafetyChecker.from_pretrained(square_checkpoint, action="blur", region_map="grad")
+
+
+def test_guard_censors_regions_and_whole_where_no_region_clears(tmp_path):
+    pipe = make_tiny_pipeline("sd", tmp_path / "pipe")
+    forced = make_checkpoint(tmp_path / "high", level="high")
+    outputs = {}
+    for action in ("regions", "blur"):
+        attached = guard(pipe, model=forced, action=action, region_margin=0.2)
+        generator = torch.Generator().manual_seed(0)
+        outputs[action] = pipe(
+            "a photo", num_inference_steps=2, output_type="pt", generator=generator
+        ).images
+    assert attached.checker.config.region_margin == 0.2
+    assert torch.equal(outputs["regions"], outputs["blur"])  # no cell lowers the score: whole
+    unguard(pipe)
+
+
+def test_scan_censor_to_with_regions_censors_near_the_square_only(
+    square_checkpoint, square_scorer, tmp_path, capsys
+):
+    images, masks = square_images(2, torch.Generator().manual_seed(2))
+    source, target = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    Image.fromarray(pixels[0]).save(source / "square.png")
+    Image.fromarray(pixels[1]).save(source / "plain.png")
+    command = ["scan", "--device", "cpu", "--workers", "0", "--quiet", "--model"]
+    command += [str(square_checkpoint), "--level", "high", "--output", str(tmp_path / "r.jsonl")]
+    command += ["--censor-to", str(target), "--action", "regions", "--region-margin", "0.1"]
+    command.append(str(source))
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--region-margin", "2"])
+    assert stopped.value.code == EXIT_USAGE
+    assert "--region-margin 2.0: expected a fraction" in capsys.readouterr().err
+    # The toy flags magenta, which the default blur leaves magenta: so the regions' censor
+    # does not clear the flag, and the copy is censored whole.
+    assert main(command) == EXIT_OK
+    with Image.open(target / "square.png") as image:
+        copy = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    original = torch.from_numpy(pixels[0]).permute(2, 0, 1)
+    changed = (copy != original).any(dim=0)
+    assert changed.float().mean() > 0.95  # whole
+    assert not (target / "plain.png").exists()  # not flagged: no copy (without --copy-clean)
+    region = CheckStep(
+        square_scorer,
+        level="high",
+        action="regions",
+        censor_params={"margin": 0.1, "radius": 0.25},
+    )
+    written = io.BytesIO()
+    save_censored((source / "square.png").read_bytes(), written, region, "{}")
+    with Image.open(written) as image:
+        copy = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    near = torch.nn.functional.max_pool2d(masks[:1].float(), 45, stride=1, padding=22)[0, 0] > 0
+    changed = (copy != original).any(dim=0)
+    assert changed[masks[0, 0]].float().mean() > 0.75 and not changed[~near].any()
