@@ -16,6 +16,7 @@ from nsfw_guard.model import load_model
 from nsfw_guard.preprocess import to_unit_range
 from nsfw_guard.scoring import NSFWScorer
 from nsfw_guard.testing import make_checkpoint, make_tiny_pipeline, square_cells, square_images
+from nsfw_guard.verdict_metadata import make_verdict, read_verdict
 
 from .conftest import make_brightness_checkpoint
 from .test_scoring import assert_no_host_sync
@@ -335,7 +336,17 @@ def test_scan_censor_to_with_regions_censors_near_the_square_only(
         censor_params={"margin": 0.1, "radius": 0.25},
     )
     written = io.BytesIO()
-    save_censored((source / "square.png").read_bytes(), written, region, "{}")
+    verdict = make_verdict(
+        model=None,
+        level="high",
+        scores={"neutral": 0.0, "low": 1.0, "medium": 1.0, "high": 1.0},
+        flagged=True,
+        check_level="high",
+        threshold=0.5,
+        action="regions",
+    )
+    save_censored((source / "square.png").read_bytes(), written, region, verdict)
+    assert read_verdict(written.getvalue())["action"] == "regions"
     with Image.open(written) as image:
         copy = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     near = torch.nn.functional.max_pool2d(masks[:1].float(), 45, stride=1, padding=22)[0, 0] > 0

@@ -11,7 +11,8 @@ A verdict is one JSON object (format 1; ``"nsfw_guard"`` first, ASCII only)::
 or a folder; ``null`` when the writer was not told), ``level`` and ``scores`` the image's as
 checked (an animation's: its worst frame's), ``flagged`` whether it was flagged at
 ``check_level``/``threshold``, ``action`` what was done to the pixels of this file (``"blur"``,
-``"pixelate"``, ``"blank"``, ``"custom"``; ``"none"``: flagged but left as it was; ``null``: not
+``"pixelate"``, ``"blank"``, ``"regions"`` (the flagged regions, or the whole image where those
+did not clear the flag), ``"custom"``; ``"none"``: flagged but left as it was; ``null``: not
 flagged, nothing done). ``frames``, ``frames_checked`` and ``reason`` (why a guard blocked an
 image without a verdict) are ``null`` when unknown.
 
@@ -71,7 +72,7 @@ _UNDEFINED_CODE = b"\0" * 8
 # A comment or UserComment is someone else's unless it opens like ours.
 _OURS = re.compile(rb'\s*\{\s*"nsfw_guard"\s*:')
 _LEVELS = ("neutral", "low", "medium", "high")
-_ACTIONS = ("blur", "pixelate", "blank", "custom", "none")
+_ACTIONS = ("blur", "pixelate", "blank", "regions", "custom", "none")
 
 
 class VerdictMetadataError(ValueError):
