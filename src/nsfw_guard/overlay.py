@@ -15,6 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from . import censor
+from .check import MIN_DROP
 from .decode import decode_frames
 from .levels import NSFWLevel, parse_check_level
 from .preprocess import WHITE, composite_alpha, to_unit_range
@@ -39,8 +40,8 @@ def region_overlay_map(
     first frame of the image file in ``data`` at ``level``: ``[h, w]`` float32 in [0, 1] on the
     CPU, the image's aspect ratio, at most :data:`MAP_SIDE` on its longer side.
 
-    ``"occlusion"``: how much hiding each cell, alone or in a 2 x 2 block of cells (the two
-    searches ``action="regions"`` makes), lowers the score at ``level`` at most (below 0 is 0);
+    ``"occlusion"``: how much hiding each cell lowers the score at ``level`` (below 0 is 0),
+    or, where no cell alone does, each 2 x 2 block of cells (as ``action="regions"`` searches);
     ``"cam"``: each patch's own score. Where the image cannot be scored, 1.
 
     Example:
@@ -72,13 +73,16 @@ def region_overlay_map(
 
 
 def _occlusion_cells(scorer: NSFWScorer, unit: Tensor, level: int, cells: int) -> Tensor:
-    """``[1, 1, cells, cells]``: the most hiding each cell alone, or any 2 x 2 block of cells
-    that covers it, lowers the score (a shape across a cell's edge shows only in blocks)."""
+    """``[1, 1, cells, cells]``: how much hiding each cell lowers the score; where no cell
+    alone lowers it by :data:`~nsfw_guard.check.MIN_DROP`, the most any 2 x 2 block of cells
+    that covers it does (a shape across a cell's edge shows only in blocks), as
+    ``action="regions"`` searches."""
     drops = scorer.occlusion_map(unit, level, cells).float()
     if cells > 1:
         blocks = scorer.occlusion_map(unit, level, cells, window=2).float()
         padded = F.pad(blocks, [1, 1, 1, 1], value=float("-inf"))
-        drops = torch.maximum(drops, F.max_pool2d(padded, 2, stride=1))
+        found = drops.flatten(1).amax(dim=1) >= MIN_DROP
+        drops = torch.where(found[:, None, None, None], drops, F.max_pool2d(padded, 2, stride=1))
     return drops
 
 
