@@ -352,3 +352,39 @@ def test_scan_censor_to_with_regions_censors_near_the_square_only(
     near = torch.nn.functional.max_pool2d(masks[:1].float(), 45, stride=1, padding=22)[0, 0] > 0
     changed = (copy != original).any(dim=0)
     assert changed[masks[0, 0]].float().mean() > 0.75 and not changed[~near].any()
+
+
+def test_the_overlay_is_the_occlusion_map_of_the_file_and_holds_none_of_its_pixels(square_scorer):
+    """What the pages draw (serve's /v1/map, review's /map/N): the file's occlusion map, hot on
+    the square's cells, as a PNG of one colour whose alpha is the map, the image's shape."""
+    from nsfw_guard.overlay import OVERLAY_COLOR, overlay_png, region_overlay_map
+
+    images, masks = square_images(8, torch.Generator().manual_seed(1))
+    for image, mask in zip(images[::2], masks[::2], strict=True):
+        buffer = io.BytesIO()
+        pixels = (image * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).resize((128, 128), Image.NEAREST).save(buffer, "PNG")
+        region_map = region_overlay_map(square_scorer, buffer.getvalue(), "high")
+        assert region_map.shape == (128, 128)
+        unit = to_unit_range(torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1))
+        with torch.inference_mode():  # each cell: hidden alone, or in a 2 x 2 block with it
+            single = square_scorer.occlusion_map(unit[None], level=3, cells=4)[0, 0]
+            blocks = square_scorer.occlusion_map(unit[None], level=3, cells=4, window=2)[0, 0]
+        drops = single.clone()
+        if single.max() < 0.05:  # no cell alone: each cell the most of the blocks covering it
+            drops.fill_(-1.0)
+            for row, column in np.ndindex(3, 3):
+                block = drops[row : row + 2, column : column + 2]
+                block.copy_(block.clamp(min=float(blocks[row, column])))
+        assert torch.allclose(region_map[::32, ::32], drops.clamp(0, 1), atol=1e-5)
+        _, touched = square_cells(mask[None], 4)
+        hottest = drops[touched[0]].max()
+        assert hottest == drops.max(), drops  # the hottest cells include one on the square
+        flagged = bool(square_scorer(unit[None], "0,1")[0, 3] >= 0.5)
+        assert not flagged or hottest >= 0.02, drops  # and it shows
+        with Image.open(io.BytesIO(overlay_png(region_map))) as overlay:
+            assert overlay.mode == "RGBA" and overlay.size == (128, 128)
+            rgb = np.asarray(overlay)[..., :3].reshape(-1, 3)
+            assert (rgb == OVERLAY_COLOR).all()  # not one of the image's pixels
+            alpha = torch.from_numpy(np.asarray(overlay)[..., 3].copy())
+        assert torch.equal(alpha, (region_map * 255).round().byte())

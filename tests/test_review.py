@@ -142,6 +142,57 @@ def test_thumbnails_only_of_recorded_images_and_not_once_changed(one_photo, tmp_
     assert changed.status_code == 404 and "changed since it was scanned" in changed.text
 
 
+def _bright_square(path) -> None:
+    """A dark 64 x 64 PNG with a bright square filling cell (1, 1) of a 4 x 4 grid."""
+    pixels = np.full((64, 64, 3), 26, dtype=np.uint8)
+    pixels[16:32, 16:32] = 240
+    Image.fromarray(pixels).save(path)
+
+
+def test_region_maps_only_with_a_model_only_of_recorded_images(tmp_path):
+    """/map/N: the record's map (hot on the bright square that flags it, for the brightness
+    checkpoint), 404 without a model, for a record that is not there or a file changed since
+    the scan, 400 for a bad level; the records say whether there are maps."""
+    import torch
+
+    from nsfw_guard import NSFWDetector
+
+    from .conftest import make_brightness_checkpoint
+
+    square = tmp_path / "square.png"
+    _bright_square(square)
+    results = tmp_path / "results.jsonl"
+    with RecordFile(results) as file:
+        file.write([record(str(square), "high", 0.9)])
+    without = TestClient(create_app(results))
+    assert without.get("/api/records").json()["maps"] is False
+    refused = without.get("/map/0")
+    assert refused.status_code == 404 and "--model" in refused.json()["error"]["message"]
+
+    folder = make_brightness_checkpoint(tmp_path / "bright", -1.2)
+    scorer = NSFWDetector.from_pretrained(folder, device="cpu", dtype=torch.float32).scorer
+    client = TestClient(create_app(results, scorer=scorer))
+    assert client.get("/api/records").json()["maps"] is True
+    response = client.get("/map/0")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["x-nsfw-map-level"] == "high"  # the record's own level
+    with Image.open(io.BytesIO(response.content)) as overlay:
+        assert overlay.size == (64, 64)
+        alpha = np.asarray(overlay)[..., 3]
+    assert alpha[16:32, 16:32].min() > 128  # hiding the square clears the flag
+    outside = np.ones((64, 64), dtype=bool)
+    outside[16:32, 16:32] = False
+    assert alpha[outside].max() < 13  # hiding anything else does not
+    assert client.get("/map/0?level=low").headers["x-nsfw-map-level"] == "low"
+    assert client.get("/map/1").status_code == 404
+    assert client.get("/map/-1").status_code == 404
+    bad_level = client.get("/map/0?level=neutral")
+    assert bad_level.status_code == 400 and "level" in bad_level.json()["error"]["message"]
+    square.write_bytes(PHOTO_PATHS[0].read_bytes())  # replaced since the scan
+    changed = client.get("/map/0")
+    assert changed.status_code == 404 and "changed since it was scanned" in changed.text
+
+
 def test_decisions_file_keeps_every_line(tmp_path):
     decisions = Decisions(tmp_path / "r.decisions.jsonl")
     for i in range(20):

@@ -293,6 +293,13 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("/v1/moderate?threshold=2", {"content": photo, "headers": jpeg}, 400, "threshold"),
         ("/v1/moderate?threshold=nan", {"content": photo, "headers": jpeg}, 400, "threshold"),
         ("/v1/censor?action=melt", {"content": photo, "headers": jpeg}, 400, "action"),
+        # The map route: the same gate and worker, each failure its own 4xx.
+        ("/v1/map", {"content": b"not an image", "headers": jpeg}, 422, "not an image"),
+        ("/v1/map", {"content": photo[: len(photo) // 3], "headers": jpeg}, 422, "decoded"),
+        ("/v1/map", {"content": b"", "headers": jpeg}, 400, "images[0] is empty"),
+        ("/v1/map?level=neutral", {"content": photo, "headers": jpeg}, 400, "level"),
+        ("/v1/map", {"json": {"images": ["AAAA"] * 2}}, 400, "/v1/map takes one image, got 2"),
+        ("/v1/map?map=cam", {"content": photo, "headers": jpeg}, 400, "unknown field(s): map"),
         (  # a huge field is not echoed back whole
             "/v1/moderate",
             {"files": one_file, "data": {"level": "x" * 1_000_000}},
@@ -375,6 +382,35 @@ def test_every_bad_input_gets_its_4xx_and_the_server_goes_on(server):
     photo = PHOTO_PATHS[1].read_bytes()
     ok = post(server, "/v1/moderate", content=photo, headers={"content-type": "image/jpeg"})
     assert ok.status_code == 200
+
+
+def test_the_map_route_gives_the_overlay_of_the_servers_model_and_none_of_the_pixels(
+    server, detector
+):
+    """/v1/map's PNG is the region map the model in the server makes of the file (compared
+    with the same computation in this process; tests/test_regions.py shows it marks the
+    flagged shape), one colour with the map as alpha, the image's shape; key and method
+    enforced as on every route."""
+    from nsfw_guard.overlay import OVERLAY_COLOR, region_overlay_map
+
+    photo = PHOTO_PATHS[0]
+    data = photo.read_bytes()
+    files = {"image": (photo.name, data, "image/jpeg")}
+    response = post(server, "/v1/map", files=files, data={"level": "high"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-nsfw-map"] == "occlusion" and response.headers["x-nsfw-level"]
+    expected = region_overlay_map(detector.scorer, data, "high")
+    with Image.open(io.BytesIO(response.content)) as overlay, Image.open(photo) as original:
+        assert overlay.mode == "RGBA" and max(overlay.size) == 512
+        ratio = original.width / original.height
+        assert overlay.width / overlay.height == pytest.approx(ratio, rel=0.01)
+        pixels = torch.from_numpy(np.asarray(overlay).copy())
+    assert (pixels[..., :3] == torch.tensor(OVERLAY_COLOR, dtype=torch.uint8)).all()
+    alpha = (expected * 255).round()
+    assert (pixels[..., 3].float() - alpha).abs().max() <= 1
+    assert httpx.post(server + "/v1/map", content=data).status_code == 401
+    assert httpx.get(server + "/v1/map", headers=AUTH).status_code == 405
 
 
 def test_a_bad_image_in_a_batch_fails_only_its_own_request(server):
@@ -652,6 +688,119 @@ def test_the_page_checks_a_dropped_image_and_shows_the_original_on_click(server,
     page.close()
 
 
+def test_the_page_toggles_the_map_over_the_censored_preview_on_click(server, browser):
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    page.goto(server + "/")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.fill("#threshold", "0")  # flagged: the preview is censored
+    page.set_input_files("#files", [str(PHOTO_PATHS[0])])
+    card = page.locator(".card")
+    preview = card.locator("img.preview")
+    preview.wait_for(timeout=60_000)
+    censored = preview.get_attribute("src")
+    assert card.locator("img.overlay").count() == 0  # nothing until asked for
+    card.locator("button.original").click()  # the original is shown...
+    assert preview.get_attribute("alt").startswith("original of")
+    preview.click()  # ...and the map puts the censored preview back under it
+    overlay = card.locator("img.overlay")
+    overlay.wait_for(state="visible", timeout=60_000)
+    page.wait_for_function("document.querySelector('img.overlay').naturalWidth > 0")
+    assert preview.get_attribute("src") == censored
+    assert preview.get_attribute("alt").startswith("censored preview")
+    assert overlay.bounding_box() == preview.bounding_box()  # drawn over it, box for box
+    assert card.locator("button.map").inner_text() == "Hide map"
+    # What the overlay shows: the PNG /v1/map gave, one colour, none of the image's pixels.
+    drawn = page.evaluate(
+        """async () => {
+            const blob = await (await fetch(document.querySelector('img.overlay').src)).blob();
+            return [...new Uint8Array(await blob.arrayBuffer())];
+        }"""
+    )
+    with Image.open(io.BytesIO(bytes(drawn))) as image:
+        assert image.mode == "RGBA"
+        assert (np.asarray(image)[..., :3] == (255, 24, 0)).all()
+    preview.click()  # a second click hides it
+    overlay.wait_for(state="hidden")
+    assert card.locator("button.map").inner_text() == "Show map"
+    card.locator("button.map").click()  # the button too, with no second request
+    overlay.wait_for(state="visible")
+    assert card.locator("img.overlay").count() == 1
+    page.close()
+
+
+def start_review(results: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """``nsfw-guard review`` on a free port; returns once it answers, with the address it
+    printed (holding the key)."""
+    port = free_port()
+    command = [sys.executable, "-m", "nsfw_guard", "review", str(results), "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}/"
+    printed = process.stdout.readline().decode()  # "... open http://...:PORT/?key=KEY"
+    address = printed.split(" open ")[-1].strip()
+    assert address.startswith(url + "?key="), printed
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 401:  # up, and wants its key
+                return process, address
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise
+        time.sleep(0.2)
+
+
+def test_the_review_page_toggles_the_region_map_with_a_model(browser, tmp_path):
+    """``review --model``: ``m`` (or the card's map button) draws the record's map over its
+    blurred thumbnail, box for box, hot on the bright square that flags it; again hides it."""
+    from nsfw_guard.records import RecordFile
+
+    from .conftest import make_brightness_checkpoint
+    from .test_review import _bright_square, record
+
+    square = tmp_path / "square.png"
+    _bright_square(square)
+    results = tmp_path / "results.jsonl"
+    with RecordFile(results) as file:
+        file.write([record(str(square), "high", 0.9)])
+    model = make_brightness_checkpoint(tmp_path / "bright", -1.2)
+    process, address = start_review(results, "--model", str(model), "--device", "cpu")
+    try:
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(address)
+        page.wait_for_selector(".card.flagged")  # blurred
+        assert page.locator("#maps").inner_text() == ""
+        page.keyboard.press("m")
+        overlay = page.locator(".card .overlay")
+        overlay.wait_for(state="visible")
+        page.wait_for_function("document.querySelector('.overlay').naturalWidth > 0")
+        assert overlay.bounding_box() == page.locator(".card .thumb").bounding_box()
+        alpha = page.evaluate(
+            """() => {
+                const image = document.querySelector('.overlay');
+                const canvas = document.createElement('canvas');
+                canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+                const context = canvas.getContext('2d');
+                context.drawImage(image, 0, 0);
+                const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+                const at = (row, column) => data[(row * canvas.width + column) * 4 + 3];
+                return [at(24, 24), at(56, 56)];
+            }"""
+        )
+        assert alpha[0] > 128 and alpha[1] < 13, alpha  # on the square, and far from it
+        page.keyboard.press("m")
+        overlay.wait_for(state="hidden")
+        page.locator(".card button.map").click()
+        overlay.wait_for(state="visible")
+        page.close()
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
 def test_the_review_page_saves_keyboard_decisions_that_survive_a_reload(
     level_checkpoints, browser, tmp_path, capsys
 ):
@@ -665,24 +814,10 @@ def test_the_review_page_saves_keyboard_decisions_that_survive_a_reload(
     options = ["--device", "cpu", "--workers", "0", "--quiet", "--output", str(results)]
     main(["scan", str(photos), "--model", str(level_checkpoints["medium"]), *options])
     capsys.readouterr()
-    port = free_port()
-    command = [sys.executable, "-m", "nsfw_guard", "review", str(results), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
+    process, address = start_review(results)
+    url = address.split("?key=")[0]
     try:
-        printed = process.stdout.readline().decode()  # "... open http://...:PORT/?key=KEY"
-        address = printed.split(" open ")[-1].strip()
-        assert address.startswith(url + "?key="), printed
         key = {"Authorization": "Bearer " + address.split("?key=")[1]}
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url, timeout=2).status_code == 401:  # up, and wants its key
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-            time.sleep(0.2)
         page = browser.new_page(viewport={"width": 1100, "height": 700})
         page.goto(address)
         assert page.url == url  # the key is in a cookie now, out of the address bar
@@ -717,6 +852,11 @@ def test_the_review_page_saves_keyboard_decisions_that_survive_a_reload(
         assert exported[0] == "path,member,decision,time,level,flagged"
         assert len(exported) == 3 and exported[1].startswith(first + ",,reject,")
         assert httpx.get(url + "thumbnail/99", headers=key).status_code == 404
+        # Started without --model: no maps, and the page says so.
+        assert "no region maps" in page.locator("#maps").inner_text()
+        page.keyboard.press("m")
+        assert page.locator(".overlay").count() == page.locator("button.map").count() == 0
+        assert httpx.get(url + "map/0", headers=key).status_code == 404
         page.close()
         process.terminate()  # SIGTERM: a clean stop
         output = process.communicate(timeout=30)[0].decode()

@@ -279,7 +279,8 @@ def _parser() -> argparse.ArgumentParser:
         "shows. Each decision is appended at once to RESULTS.decisions.jsonl beside the "
         "records; reloading the page resumes; /decisions.csv exports them. Only the images the "
         "records name are read. The page needs a key (made up for each run unless --api-key "
-        "gives one): open the address this prints, which holds it.",
+        "gives one): open the address this prints, which holds it. With --model, m (or a "
+        "card's map button) shows the image's region map over its thumbnail.",
         epilog="Examples:\n  nsfw-guard review results.jsonl\n"
         "  nsfw-guard review results.parquet --port 8081",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -294,6 +295,14 @@ def _parser() -> argparse.ArgumentParser:
         "--api-key",
         default=os.environ.get("NSFW_GUARD_API_KEY"),
         help="the key the page needs (default: $NSFW_GUARD_API_KEY, else a new one each run)",
+    )
+    review.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder of the model for region maps (default: none, no maps)",
+    )
+    review.add_argument(
+        "--device", default="auto", help="the maps' device: auto, cpu, cuda... (default: auto)"
     )
     review.set_defaults(run=_run_review, command_parser=review)
 
@@ -375,8 +384,18 @@ def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if not args.results.is_file():
         parser.error(f"{args.results}: no such record file")
     key = args.api_key or secrets.token_urlsafe(24)
+    scorer = None
+    if args.model is not None:
+        from .detector import NSFWDetector
+
+        device = None if args.device == "auto" else args.device
+        try:
+            scorer = NSFWDetector.from_pretrained(args.model, device=device).scorer
+        except (OSError, ValueError) as error:  # the model could not be loaded: say why
+            parser.error(str(error))
     try:
-        app = create_app(args.results, key=key, hosts=allowed_hosts(args.host, args.allowed_hosts))
+        hosts = allowed_hosts(args.host, args.allowed_hosts)
+        app = create_app(args.results, key=key, hosts=hosts, scorer=scorer)
     except ValueError as error:
         parser.error(str(error))
     host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host

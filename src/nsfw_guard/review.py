@@ -10,7 +10,9 @@ latest decision per image.
 
 Only the images the records name are ever read, by their index in the records: no route takes
 a path. Thumbnails are made on demand (the same decode as ``scan``, shards included) and kept
-in memory.
+in memory. Started with a model, it also makes each record's region map on demand
+(``/map/N``: the map ``action="regions"`` uses, as a PNG of one colour whose alpha is the map,
+none of the image's pixels), which the page draws over the blurred thumbnail.
 
 Who may use it (:class:`ReviewGate`): with a ``key``, every route needs it, as a bearer token
 or as the cookie that opening ``/?key=KEY`` sets (the address ``nsfw-guard review`` prints);
@@ -47,8 +49,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .access import bearer_matches, same_key, wrong_host
 from .decode import decode_frames
 from .inputs import ImageBatch
+from .levels import parse_check_level
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .records import read_records
+from .scoring import NSFWScorer
 from .sources import ScanInput, find_images, read_input
 
 __all__ = [
@@ -192,10 +196,20 @@ class _Item:
 
 
 class ReviewApp:
-    """The review server's state and routes. ``Starlette(routes=ReviewApp(...).routes)``."""
+    """The review server's state and routes. ``Starlette(routes=ReviewApp(...).routes)``.
 
-    def __init__(self, results: str | os.PathLike, cache_size: int = 2048):
+    ``scorer``: the model for the region maps (``/map/N``); ``None``: no maps.
+    """
+
+    def __init__(
+        self,
+        results: str | os.PathLike,
+        cache_size: int = 2048,
+        scorer: NSFWScorer | None = None,
+    ):
         self.results = Path(results)
+        self.scorer = scorer
+        self._model_lock = asyncio.Lock()
         self.items = [_Item(i, record) for i, record in enumerate(read_records(self.results))]
         self.decisions = Decisions(decisions_path(self.results))
         self.counts = dict(  # records per level ("error" for errors): they never change
@@ -214,6 +228,7 @@ class ReviewApp:
             Route("/api/decisions", self.decide, methods=["POST"]),
             Route("/decisions.csv", self.export),
             Route("/thumbnail/{index:int}", self.thumbnail),
+            Route("/map/{index:int}", self.region_map),
         ]
 
     async def index(self, request: Request) -> Response:
@@ -243,6 +258,7 @@ class ReviewApp:
                 "all": len(self.items),
                 "counts": self.counts,
                 "decided": sum(1 for item in self.items if item.key in latest),
+                "maps": self.scorer is not None,
                 "records": [
                     _shown(item, latest.get(item.key)) for item in selected[offset : offset + limit]
                 ],
@@ -299,17 +315,38 @@ class ReviewApp:
         data, media_type = thumbnail
         return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
 
+    async def region_map(self, request: Request) -> Response:
+        """The record's region map at ``level`` (default: the record's own level, or medium):
+        a PNG overlay (see :mod:`nsfw_guard.overlay`)."""
+        from .overlay import overlay_png, region_overlay_map
+
+        index = request.path_params["index"]
+        if self.scorer is None:
+            return _error(404, "no region maps: start nsfw-guard review with --model MODEL")
+        if not 0 <= index < len(self.items):
+            return _error(404, f"no record {index}")
+        record = self.items[index].record
+        shown = record.get("level") if record.get("level") in ("low", "medium", "high") else None
+        try:
+            level = parse_check_level(request.query_params.get("level", shown or "medium"))
+        except ValueError as error:
+            return _error(400, str(error))
+        try:
+            data = await asyncio.to_thread(_recorded_bytes, record)
+        except Exception as error:  # gone, changed, unreadable: as for thumbnails
+            return _error(404, f"{type(error).__name__}: {error}")
+        try:
+            async with self._model_lock:  # one map at a time on the model
+                region_map = await asyncio.to_thread(region_overlay_map, self.scorer, data, level)
+        except Exception as error:  # a file cut short or odd inside
+            return _error(422, f"no map for record {index}: {type(error).__name__}: {error}")
+        headers = {"X-NSFW-Map-Level": level.value, "Cache-Control": "max-age=3600"}
+        return Response(overlay_png(region_map), media_type="image/png", headers=headers)
+
     def _make_thumbnail(self, record: dict[str, Any]) -> tuple[bytes, str]:
         """The record's image as a JPEG thumbnail, or an animation's every frame as an animated
         WebP (``FRAME_MS`` a frame): ``(bytes, media type)``."""
-        path = record.get("realpath") or record["path"]
-        info = os.stat(path)
-        if (info.st_size, info.st_mtime) != (record["bytes"], record["mtime"]):
-            raise FileExistsError("the file changed since it was scanned")
-        source = _shard_members(path, info.st_size, info.st_mtime).get(record.get("member"))
-        if source is None:
-            raise FileNotFoundError(f"{path}: no {record.get('member') or 'image'} there now")
-        data = read_input(source)  # a shard's member: checked again to be this version
+        data = _recorded_bytes(record)
         frames = [_thumbnail(frame) for frame in decode_frames(data, None, THUMBNAIL_SIZE)]
         size = (max(f.width for f in frames), max(f.height for f in frames))
         frames = [_on_canvas(frame, size) for frame in frames]  # an icon's sizes differ
@@ -328,6 +365,18 @@ class ReviewApp:
             quality=80,
         )
         return buffer.getvalue(), "image/webp"
+
+
+def _recorded_bytes(record: dict[str, Any]) -> bytes:
+    """The bytes of the image a record names, if its file is still the version scanned."""
+    path = record.get("realpath") or record["path"]
+    info = os.stat(path)
+    if (info.st_size, info.st_mtime) != (record["bytes"], record["mtime"]):
+        raise FileExistsError("the file changed since it was scanned")
+    source = _shard_members(path, info.st_size, info.st_mtime).get(record.get("member"))
+    if source is None:
+        raise FileNotFoundError(f"{path}: no {record.get('member') or 'image'} there now")
+    return read_input(source)  # a shard's member: checked again to be this version
 
 
 def _thumbnail(frame: ImageBatch) -> Image.Image:
@@ -454,10 +503,13 @@ _NO_KEY_PAGE = (
 
 
 def create_app(
-    results: str | os.PathLike, key: str | None = None, hosts: frozenset[str] | None = None
+    results: str | os.PathLike,
+    key: str | None = None,
+    hosts: frozenset[str] | None = None,
+    scorer: NSFWScorer | None = None,
 ) -> Starlette:
     """The review server's app for a record file, behind a :class:`ReviewGate` with ``key``
-    and ``hosts``.
+    and ``hosts``; with a ``scorer``, it serves region maps.
 
     Example:
         >>> import tempfile
@@ -473,4 +525,4 @@ def create_app(
         1
     """
     gate = Middleware(ReviewGate, key=key, hosts=hosts)
-    return Starlette(routes=ReviewApp(results).routes, middleware=[gate])
+    return Starlette(routes=ReviewApp(results, scorer=scorer).routes, middleware=[gate])

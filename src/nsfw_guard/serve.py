@@ -22,6 +22,9 @@ Routes:
 - ``POST /v1/censor``: one image → the image, censored if flagged (same format, or PNG where
   Pillow cannot write it), the verdict in ``X-NSFW-*`` headers; ``action``, ``level``,
   ``threshold`` as parameters.
+- ``POST /v1/map``: one image (as for ``/v1/censor``) → its region map at ``level`` (the map
+  ``action="regions"`` uses) as a PNG overlay: one colour, alpha the map, so it holds none of
+  the image's pixels; the verdict in the same headers.
 - ``GET /healthz`` (never needs the key), ``GET /metrics``, ``GET /`` (the page).
 """
 
@@ -65,7 +68,8 @@ __all__ = ["ACTIONS", "LEVELS", "ModerationAPI", "RequestGate", "ServeSettings",
 LEVELS = ("low", "medium", "high")
 ACTIONS = ("blur", "pixelate", "blank", "regions")
 _WORKER_PATH = "/internal/check"  # LitServe's route; only the gate sends requests there
-_ROUTES = {"/v1/moderate": "moderate", "/v1/censor": "censor"}
+_ROUTES = {"/v1/moderate": "moderate", "/v1/censor": "censor", "/v1/map": "map"}
+_ONE_IMAGE = ("censor", "map")  # the routes that take one image
 _SCORES = ("neutral", "low", "medium", "high")
 _LOG = logging.getLogger(__name__)
 _PARAMETERS = ("level", "threshold", "action")  # JSON fields, form fields or query parameters
@@ -298,8 +302,8 @@ class RequestGate:
             raise BadRequest(400, message)
         if not images:
             raise BadRequest(400, "no images in the request")
-        if kind == "censor" and len(images) != 1:
-            raise BadRequest(400, f"/v1/censor takes one image, got {len(images)}")
+        if kind in _ONE_IMAGE and len(images) != 1:
+            raise BadRequest(400, f"/v1/{kind} takes one image, got {len(images)}")
         if len(images) > settings.max_images:
             raise BadRequest(
                 413, f"{len(images)} images in one request; at most {settings.max_images}"
@@ -450,7 +454,7 @@ def _json_images(body: bytes, kind: str) -> tuple[list[bytes], dict[str, Any]]:
         raise BadRequest(400, "the body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadRequest(400, 'the JSON body must be an object: {"images": [base64, ...]}')
-    if kind == "censor" and "image" in value:
+    if kind in _ONE_IMAGE and "image" in value:
         value = {**value, "images": [value.pop("image")]}
     encoded = value.pop("images", None)
     if not isinstance(encoded, list):
@@ -682,15 +686,26 @@ class ModerationAPI(ls.LitAPI):
     def _answer(self, job: _Job) -> Response:
         if job.kind == "moderate":
             return JSONResponse({"model": self.settings.model_name, "results": job.verdicts})
-        return self._censored(job, job.verdicts[0])
-
-    def _censored(self, job: _Job, verdict: dict[str, Any]) -> Response:
-        data = job.images[0]
+        verdict = job.verdicts[0]
         headers = {
             "X-NSFW-Level": verdict["level"],
             "X-NSFW-Flagged": str(verdict["flagged"]).lower(),
             "X-NSFW-Scores": ",".join(f"{name}={verdict['scores'][name]:.6f}" for name in _SCORES),
         }
+        if job.kind == "map":
+            return self._map(job, headers)
+        return self._censored(job, verdict, headers)
+
+    def _map(self, job: _Job, headers: dict[str, str]) -> Response:
+        from .overlay import overlay_png, region_overlay_map
+
+        params = {**censor.REGION_DEFAULTS, **self.settings.region_params}
+        region_map = region_overlay_map(self.scorer, job.images[0], job.level, params)
+        headers["X-NSFW-Map"] = params["map"]
+        return Response(overlay_png(region_map), media_type="image/png", headers=headers)
+
+    def _censored(self, job: _Job, verdict: dict[str, Any], headers: dict[str, str]) -> Response:
+        data = job.images[0]
         with Image.open(io.BytesIO(data)) as image:
             fmt = image.format
         if not verdict["flagged"]:  # the image as it came, byte for byte
