@@ -238,3 +238,19 @@ def test_export_options_are_checked(sharp_checkpoint, tmp_path, capsys):
     missing = ["--model", str(tmp_path / "nope")]
     assert main(["export", "--format", "onnx", str(tmp_path / "m.onnx"), *missing]) == EXIT_ERROR
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_regions_action_runs_on_the_onnxruntime_backend(exported, detector):
+    """The occlusion map only scores images, so action="regions" gives the same output on
+    both backends; the patch-token map needs the torch backend and says so."""
+    from nsfw_guard.check import CheckStep
+
+    onnx_detector = NSFWDetector(exported, backend="onnxruntime")
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    settings = {"action": "regions", "threshold": 0.3, "level": "low"}
+    expected = CheckStep(detector.scorer, **settings).run(images)
+    got = CheckStep(onnx_detector.scorer, **settings).run(images)
+    assert torch.equal(got.flags, expected.flags)
+    assert (got.images - expected.images).abs().max() <= 1e-2
+    with pytest.raises(ValueError, match="use the torch backend"):
+        CheckStep(onnx_detector.scorer, **settings, censor_params={"map": "cam"}).run(images)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .export import data_config_of, read_metadata
 from .levels import mark_unverifiable
 from .preprocess import Preprocess
+from .scoring import NSFWScorer
 
 __all__ = ["BACKENDS", "OnnxScorer"]
 
@@ -83,6 +84,15 @@ class OnnxScorer(nn.Module):
     def forward(self, images: Tensor, value_range: str = "auto") -> Tensor:
         pixels, verifiable = self.preprocess(images, value_range)
         return self.classify(pixels, verifiable)
+
+    # The occlusion map (action="regions"'s default) only scores images: it runs here as is.
+    occlusion_map = NSFWScorer.occlusion_map
+
+    def classify_with_map(self, pixels: Tensor, verifiable: Tensor) -> tuple[Tensor, Tensor]:
+        raise ValueError(
+            "the 'cam' region map reads the model's patch tokens, which an exported graph does "
+            "not return: use the torch backend, or the occlusion map (the default)."
+        )
 
     def classify(self, pixels: Tensor, verifiable: Tensor) -> Tensor:
         """Scores for preprocessed float32 ``pixels`` and their ``verifiable`` mask."""
