@@ -65,20 +65,16 @@ def test_early_stop_benchmark_calls_and_efficacy_modes_run_on_cpu(tmp_path):
 
 
 def test_backends_benchmark_runs_each_backend_in_its_own_process(tmp_path):
-    """The code path on CPU (tiny checkpoint): rows per backend and batch, and the exported
-    file's scores equal eager's (the numbers are measured by running it on a real machine)."""
+    """The code path on CPU (tiny checkpoint): the exported file's rows per batch, its scores
+    equal to the eager float32 reference that its process also runs (the numbers are measured by
+    running it on a real machine)."""
     output = tmp_path / "backends.json"
     command = [sys.executable, str(BENCHMARKS / "bench_backends.py"), "--tiny", "--repeats", "1"]
-    command += ["--batches", "1", "2", "--backends", "eager-fp32", "onnxruntime"]
+    command += ["--batches", "1", "2", "--backends", "onnxruntime"]
     done = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     rows = json.loads(output.read_text())["backends"]
-    assert [(r["backend"], r["batch"]) for r in rows] == [
-        ("eager-fp32", 1),
-        ("eager-fp32", 2),
-        ("onnxruntime", 1),
-        ("onnxruntime", 2),
-    ]
+    assert [(r["backend"], r["batch"]) for r in rows] == [("onnxruntime", 1), ("onnxruntime", 2)]
     assert all(r["ms_per_img"] > 0 and r["max_abs_diff_vs_fp32"] < 1e-3 for r in rows)
 
 
