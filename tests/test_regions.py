@@ -179,6 +179,7 @@ def _localized(values: torch.Tensor, masks: torch.Tensor) -> list[bool]:
     ]
 
 
+@pytest.mark.trained
 def test_the_occlusion_map_localizes_the_square_where_the_patch_map_does_not(square_scorer):
     images, masks = square_images(40, torch.Generator().manual_seed(1))
     images, masks = images[::2], masks[::2]  # the 20 with a square
@@ -198,6 +199,7 @@ def test_the_occlusion_map_localizes_the_square_where_the_patch_map_does_not(squ
     assert sum(cam) <= 0.25 * len(cam), cam  # the patch map inverts as the model learns
 
 
+@pytest.mark.trained
 def test_regions_censor_only_near_the_square_and_leave_the_rest_bit_identical(square_scorer):
     images, masks = square_images(8, torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -303,6 +305,7 @@ def test_guard_censors_regions_and_whole_where_no_region_clears(tmp_path):
     unguard(pipe)
 
 
+@pytest.mark.trained
 def test_scan_censor_to_with_regions_censors_near_the_square_only(
     square_checkpoint, square_scorer, tmp_path, capsys
 ):

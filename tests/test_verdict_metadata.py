@@ -41,13 +41,19 @@ def _png(text: str | bytes, key: str = "nsfw-guard") -> bytes:
 def _jpeg_with_user_comment(comment: bytes, endian: str = ">") -> bytes:
     exif = Image.Exif()
     exif.endian = endian
-    exif.get_ifd(ExifTags.IFD.Exif)[0x9286] = comment
+    exif[ExifTags.IFD.Exif] = {0x9286: comment}  # Pillow 10 drops changes made through get_ifd
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="JPEG", exif=exif.tobytes())
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif", ".gif", ".avif"])
+AVIF = pytest.param(
+    ".avif",
+    marks=pytest.mark.skipif(".avif" not in Image.registered_extensions(), reason="Pillow < 11.3"),
+)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif", ".gif", AVIF])
 def test_save_with_verdict_round_trips_in_every_format_that_carries_one(tmp_path, suffix):
     path = tmp_path / f"image{suffix}"
     save_with_verdict(Image.new("RGB", (16, 12), (40, 80, 120)), path, CLEAN)
@@ -81,7 +87,7 @@ def test_save_with_verdict_keeps_the_callers_own_metadata(tmp_path):
     with Image.open(tmp_path / "a.jpg") as image:
         assert image.getexif()[0x010F] == "Camera maker"
     assert read_verdict(tmp_path / "a.png") == read_verdict(tmp_path / "a.jpg") == CLEAN
-    assert text.chunks == [(b"tEXt", b"prompt\0a lighthouse", False)]  # the caller's, untouched
+    assert [chunk[:2] for chunk in text.chunks] == [(b"tEXt", b"prompt\0a lighthouse")]  # untouched
 
 
 def test_a_format_that_cannot_carry_a_verdict_is_refused_before_anything_is_written(tmp_path):

@@ -206,7 +206,10 @@ def verdict_save_options(
         exif, given = Image.Exif(), options.get("exif")
         if given:  # the caller's own EXIF, kept
             exif.load(given.tobytes() if isinstance(given, Image.Exif) else given)
-        exif.get_ifd(ExifTags.IFD.Exif)[_USER_COMMENT] = _ASCII_CODE + text.encode("ascii")
+        # Set as a new dict: Pillow 10 does not write changes made in place through get_ifd.
+        fields = dict(exif.get_ifd(ExifTags.IFD.Exif))
+        fields[_USER_COMMENT] = _ASCII_CODE + text.encode("ascii")
+        exif[ExifTags.IFD.Exif] = fields
         options["exif"] = exif.tobytes()
     return options
 
