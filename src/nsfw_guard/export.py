@@ -29,6 +29,7 @@ __all__ = [
     "build_tensorrt_engine",
     "data_config_of",
     "export_onnx",
+    "from_unit",
     "read_metadata",
 ]
 
@@ -80,12 +81,20 @@ class ScoreGraph(nn.Module):
     ) -> Tensor:
         """Random input of this graph's kind, on its device."""
         unit = torch.rand(batch, 3, height, width, generator=generator)
-        if self.pixels == "uint8":
-            images = (unit * 255).round().to(torch.uint8)
-        else:
-            low, high = (float(bound) for bound in self.pixels.split(","))
-            images = unit * (high - low) + low
-        return images.to(self.scorer.preprocess.mean.device)
+        return from_unit(unit, self.pixels).to(self.scorer.preprocess.mean.device)
+
+
+def from_unit(unit: Tensor, pixels: str) -> Tensor:
+    """``[0, 1]`` RGB as the input of a graph that takes ``pixels`` (see :data:`EXPORT_PIXELS`).
+
+    Example:
+        >>> from_unit(torch.tensor([0.0, 0.5, 1.0]), "-1,1").tolist()
+        [-1.0, 0.0, 1.0]
+    """
+    if pixels == "uint8":
+        return (unit.clamp(0, 1) * 255).round().to(torch.uint8)
+    low, high = (float(bound) for bound in pixels.split(","))
+    return (unit * (high - low) + low).to(torch.float32)
 
 
 def export_onnx(

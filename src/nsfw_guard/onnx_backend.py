@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .export import data_config_of, read_metadata
+from .export import data_config_of, from_unit, read_metadata
 from .levels import mark_unverifiable
 from .preprocess import Preprocess
 from .scoring import NSFWScorer
@@ -97,14 +97,7 @@ class OnnxScorer(nn.Module):
     def classify(self, pixels: Tensor, verifiable: Tensor) -> Tensor:
         """Scores for preprocessed float32 ``pixels`` and their ``verifiable`` mask."""
         unit = pixels / self.preprocess.inv_std + self.preprocess.mean
-        (scores,) = self.session.run(None, {"images": _as_graph_input(unit, self.pixels)})
+        images = from_unit(unit, self.pixels).cpu().numpy()
+        (scores,) = self.session.run(None, {"images": images})
         scores = torch.from_numpy(scores).to(pixels.device)
         return mark_unverifiable(scores, verifiable)
-
-
-def _as_graph_input(unit: Tensor, pixels: str):
-    """``[0, 1]`` RGB as the numpy input of a graph that takes ``pixels``."""
-    if pixels == "uint8":
-        return (unit.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    low, high = (float(bound) for bound in pixels.split(","))
-    return (unit * (high - low) + low).to(torch.float32).cpu().numpy()
