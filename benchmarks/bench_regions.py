@@ -5,15 +5,20 @@
 
 - **cost**: extra ms per image of :meth:`NSFWScorer.classify_with_map` (the per-patch map from the
   same forward pass, upsampled to 512²) over :meth:`NSFWScorer.classify`, of turning the map
-  into a censor mask and blending it (:func:`region_alpha` + :func:`censor_regions`, 512²), and
-  of the occlusion map ``action="regions"`` uses by default (4 x 4 cells and 3 x 3 blocks: 27
-  forwards). Random weights of the real architecture, tiny and full size.
+  into a censor mask and blending it (:func:`region_alpha` + :func:`censor_regions`, 512²), of
+  the occlusion map ``action="regions"`` uses by default (4 x 4 cells and 3 x 3 blocks: 26
+  forwards at the classifier's size), and of the whole regions step (the map, then 7 candidate
+  sets of cells censored and rescored at 512²). Random weights of the real architecture, tiny
+  and full size.
 - **localization**: the toy EVA02 of :func:`make_square_checkpoint` (32² input, 8-pixel
   patches, one block) trained here on 64² synthetic images, a magenta square on a random
   background = "high", none = "neutral" (image labels only, as the real model was trained),
   loaded by the real loader. Per held-out square image it flags: do all the cells holding a
-  quarter of the square or more score above every cell it does not touch (4 x 4 cells: the
-  patch grid), for the patch map (cam) and the occlusion map?
+  quarter of the square or more (and: all the cells it touches) score above every cell it does
+  not touch (4 x 4 cells: the patch grid), for the patch map (cam) and the occlusion map? And
+  ``action="regions"`` on the same images: how many are censored in regions rather than whole,
+  against how many the whole-image blur itself clears (the most regions can), and how much of
+  the image is censored.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from _common import RESULTS, machine, measure, print_table, write_json
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from nsfw_guard.censor import censor_regions, region_alpha
+from nsfw_guard.censor import blur, censor_regions, region_alpha
+from nsfw_guard.check import CheckStep, region_sizes
 from nsfw_guard.model import load_model
 from nsfw_guard.scoring import NSFWScorer
 from nsfw_guard.testing import (
@@ -63,13 +69,18 @@ def cost_row(device: str, size: str, repeats: int) -> dict:
 
     def occlusion():
         scorer.occlusion_map(images, HIGH, cells=4)
-        scorer.occlusion_map(images, HIGH, cells=4, window=2)
+
+    step = CheckStep(scorer, level="high", action="regions")
+
+    def regions():
+        step.censor_regions(images, ok)
 
     with torch.inference_mode():
         base = measure(plain, device, repeats)[0]
         mapped = measure(with_map, device, repeats)[0]
         censor = measure(mask_and_blend, device, repeats)[0]
         occluded = measure(occlusion, device, 1 if size == "full" else repeats)[0]
+        regioned = measure(regions, device, 1 if size == "full" else repeats)[0]
     return {
         "size": size,
         "device": device,
@@ -79,11 +90,13 @@ def cost_row(device: str, size: str, repeats: int) -> dict:
         "map_extra_ms": (mapped - base) * 1e3,
         "mask_and_blend_ms": censor * 1e3,
         "occlusion_map_4x4_ms": occluded * 1e3,
-        "occlusion_extra_forwards": 16 + 9 + 2,
+        "occlusion_forwards": 1 + 16 + 9,
+        "regions_step_ms": regioned * 1e3,
+        "regions_forwards": 1 + 16 + 9 + len(region_sizes(4)),
     }
 
 
-def localization(steps: int) -> list[dict]:
+def localization(steps: int) -> tuple[list[dict], dict]:
     folder = make_square_checkpoint(tempfile.mkdtemp(), steps=steps)
     trained = load_model(folder, device="cpu", dtype=torch.float32)  # the real loader
     scorer = NSFWScorer(trained.model, trained.data_config)
@@ -96,11 +109,10 @@ def localization(steps: int) -> list[dict]:
     keep = flagged & high
     share, touched = square_cells(masks[keep], 4)
     rows = []
-    for name, values in (("cam", patches[keep, HIGH]), ("occlusion 4x4", drops[keep, 0])):
-        found = [
-            bool(v[own >= 0.25].min() > v[~near].max())
-            for v, own, near in zip(values, share, touched, strict=True)
-        ]
+    for name, values in (("cam", patches[keep, HIGH]), ("occlusion", drops[keep, 0])):
+        cells = list(zip(values, share, touched, strict=True))
+        found = [bool(v[own >= 0.25].min() > v[~near].max()) for v, own, near in cells]
+        every = [bool(v[near].min() > v[~near].max()) for v, _, near in cells]
         pairs = zip(values, touched, strict=True)
         top = [bool(near.flatten()[v.flatten().argmax()]) for v, near in pairs]
         rows.append(
@@ -110,10 +122,31 @@ def localization(steps: int) -> list[dict]:
                 "accuracy": float((flagged == high).float().mean()),
                 "flagged_square_images": len(found),
                 "localized_fraction": sum(found) / max(1, len(found)),
+                "every_touched_cell_fraction": sum(every) / max(1, len(every)),
                 "top_cell_on_square": sum(top) / max(1, len(top)),
             }
         )
-    return rows
+    return rows, regions_selectivity(scorer, images[flagged], masks[flagged])
+
+
+def regions_selectivity(scorer: NSFWScorer, images: torch.Tensor, masks: torch.Tensor) -> dict:
+    """``action="regions"`` (blur radius 0.25: the toy flags magenta, which the default blur
+    leaves magenta) on flagged images: how many come back censored in regions, how many the
+    whole-image blur clears at all, and the share of the image censored."""
+    params = {"radius": 0.25}
+    step = CheckStep(scorer, level="high", action="regions", censor_params=params)
+    with torch.inference_mode():
+        output = step.run(images, value_range="0,1")
+        whole = scorer(blur(images, radius=0.25), "0,1")[:, HIGH]
+    changed = (output.images != images).any(dim=1).flatten(1).float().mean(dim=1)
+    in_regions = changed < 0.99
+    return {
+        "flagged_images": len(images),
+        "whole_blur_clears": int((whole < 0.5).sum()),
+        "censored_in_regions": int(in_regions.sum()),
+        "censored_share_in_regions": float(changed[in_regions].mean()),
+        "square_share": float(masks[in_regions].flatten(1).float().mean()),
+    }
 
 
 def main() -> None:
@@ -128,9 +161,10 @@ def main() -> None:
     sizes = ["tiny"] if args.quick else ["tiny", "full"]
     cost = [cost_row(args.device, size, 1 if args.quick else 5) for size in sizes]
     print_table("Region map cost, batch 1, 512² input", cost)
-    found = localization(args.steps or (10 if args.quick else 400))
+    found, selective = localization(args.steps or (10 if args.quick else 400))
     print_table("Does the map find the square? (toy EVA02, image labels only)", found)
-    results = {"machine": machine(), "cost": cost, "localization": found}
+    print_table("action='regions' on the flagged toy images (blur radius 0.25)", [selective])
+    results = {"machine": machine(), "cost": cost, "localization": found, "regions": selective}
     output = args.output
     if output is None:
         info = results["machine"]

@@ -88,7 +88,10 @@ def test_regions_benchmark_quick_mode_runs_on_cpu(tmp_path):
     assert [row["size"] for row in results["cost"]] == ["tiny"]
     assert all(row["scores_and_map_ms"] > 0 for row in results["cost"])
     assert all(row["occlusion_map_4x4_ms"] > 0 for row in results["cost"])
+    assert all(row["regions_step_ms"] > row["scores_ms"] for row in results["cost"])
     found = results["localization"]
-    assert [row["map"] for row in found] == ["cam", "occlusion 4x4"]
+    assert [row["map"] for row in found] == ["cam", "occlusion"]
+    regions = results["regions"]
+    assert regions["censored_in_regions"] <= regions["flagged_images"]
     assert all(row["train_steps"] == 10 and 0 <= row["localized_fraction"] <= 1 for row in found)
     assert "| size" in done.stdout and "localized_fraction" in done.stdout

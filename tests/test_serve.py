@@ -407,8 +407,9 @@ def test_the_map_route_gives_the_overlay_of_the_servers_model_and_none_of_the_pi
         assert overlay.width / overlay.height == pytest.approx(ratio, rel=0.01)
         pixels = torch.from_numpy(np.asarray(overlay).copy())
     assert (pixels[..., :3] == torch.tensor(OVERLAY_COLOR, dtype=torch.uint8)).all()
-    alpha = (expected * 255).round()
+    alpha = (expected.values * 255).round()
     assert (pixels[..., 3].float() - alpha).abs().max() <= 1
+    assert response.headers["x-nsfw-map-frame"] == "0" == str(expected.frame)
     assert httpx.post(server + "/v1/map", content=data).status_code == 401
     assert httpx.get(server + "/v1/map", headers=AUTH).status_code == 405
 

@@ -9,6 +9,7 @@ call its stages (:meth:`CheckStep.verdicts`, :meth:`CheckStep.censor`) on the sa
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -20,7 +21,7 @@ from . import censor
 from .inputs import parse_value_range
 from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
 from .preprocess import to_unit_range, unit_affine
-from .scoring import NSFWScorer
+from .scoring import NSFWScorer, score_in_chunks
 
 __all__ = [
     "FLAGGED_RANGES",
@@ -218,15 +219,15 @@ class CheckStep(nn.Module):
         """``action="regions"``: ``[B, 3, H, W]`` images in [0, 1] with only the regions that
         made them flagged censored, or censored whole wherever that did not clear the flag.
 
-        The step's ``censor_params``: ``map`` (``"occlusion"``: the cells of a ``cells x cells``
-        grid whose hiding lowers the score at the step's level most, else the 2 x 2 blocks of
-        cells that do; ``"cam"``: the patches whose own score reaches the threshold), ``margin``,
-        ``shape``, ``feather`` (see :func:`nsfw_guard.censor.region_alpha`), ``censor``
-        (``"blur"`` or ``"pixelate"``, with its ``radius`` or ``block_size``). Then the
-        region-censored image is scored again: wherever it still reaches the threshold at the
-        level (or no region was found), the image is censored whole, as by ``censor``. So a
-        wrong map costs selectivity, never lets flagged content out. In-graph; the occlusion
-        map scores ``cells² + (cells - 1)² + 2`` variants of each image, the re-check one more.
+        The step's ``censor_params``: ``map``, ``cells``, ``margin``, ``shape``, ``feather`` and
+        ``censor`` (``"blur"`` or ``"pixelate"``, with its ``radius`` or ``block_size``). With
+        ``map="occlusion"`` the cells of a ``cells x cells`` grid are ranked by
+        :meth:`NSFWScorer.occlusion_map`, and the top 1, 2, 3, 4, 6, 9… cells (see
+        :func:`region_sizes`), each set grown by the margin, are censored and scored again: the
+        smallest set whose image no longer reaches the threshold at the step's level is the one
+        returned. With ``map="cam"``, the patches whose own score reaches the threshold, scored
+        again the same way. Where no set clears the flag, the image is censored whole, as by
+        ``censor``: a wrong map costs selectivity, never lets flagged content out. In-graph.
 
         Example:
             >>> step = CheckStep(detector.scorer, action="regions")  # a "medium" checkpoint
@@ -243,48 +244,59 @@ class CheckStep(nn.Module):
         if params["map"] == "cam":
             pixels, ok = self.scorer.preprocess(unit, "0,1")
             _, patch_scores = self.scorer.classify_with_map(pixels, ok)
-            hot = patch_scores[:, level, None] >= self.threshold
+            candidates = (patch_scores[:, level, None] >= self.threshold)[:, None]
         else:
-            hot = self._occluded_cells(unit, level, params["cells"])
+            ranking = self.scorer.occlusion_map(unit, level, params["cells"])
+            candidates = _top_cells(ranking, region_sizes(params["cells"]))
+        batch, count = candidates.shape[:2]
         alpha = censor.region_alpha(
-            hot.float(),
+            candidates.flatten(0, 1).float(),
             0.5,
             unit.shape[-2:],
             margin=params["margin"],
             shape=params["shape"],
             feather=params["feather"],
         )
-        regions = censor.censor_regions(unit, whole, alpha)
-        recheck = self.scorer(regions, "0,1")
-        _, still_flagged = levels_and_flags(recheck, verifiable, level, self.threshold)
-        return torch.where(still_flagged[:, None, None, None], whole, regions)
-
-    def _occluded_cells(self, unit: Tensor, level: int, cells: int) -> Tensor:
-        """``[B, 1, cells, cells]`` bool: the cells whose hiding lowers the score most (by
-        :data:`MIN_DROP` or more, and by half the most any cell does); where no single cell
-        does, the 2 x 2 blocks of cells that do (what a single cell cannot hide: a shape across
-        a cell's edge)."""
-        single = self.scorer.occlusion_map(unit, level, cells)
-        hot = _strongest(single)
-        if cells > 1:
-            blocks = _strongest(self.scorer.occlusion_map(unit, level, cells, window=2))
-            # A cell is in a block if any of the (up to 4) blocks that cover it is.
-            block_cells = torch.nn.functional.max_pool2d(
-                torch.nn.functional.pad(blocks.float(), [1, 1, 1, 1]), 2, stride=1
-            ).bool()
-            found = hot.flatten(1).any(dim=1)[:, None, None, None]
-            hot = torch.where(found, hot, block_cells)
-        return hot
+        # [B, count, 3, H, W]: each image's candidates, broadcast (no copies of the images).
+        regions = censor.censor_regions(
+            unit[:, None], whole[:, None], alpha.view(batch, count, *alpha.shape[1:])
+        )
+        recheck = score_in_chunks(self.scorer, regions.flatten(0, 1), "0,1")
+        _, still_flagged = levels_and_flags(
+            recheck, verifiable.repeat_interleave(count), level, self.threshold
+        )
+        cleared = ~still_flagged.view(batch, count)
+        # The first (smallest) set that clears the flag; the whole image where none does.
+        first = cleared.int().argmax(dim=1)
+        pick = first.view(batch, 1, 1, 1, 1).expand(batch, 1, *unit.shape[1:])
+        chosen = regions.gather(1, pick)[:, 0]
+        return torch.where(cleared.any(dim=1)[:, None, None, None], chosen, whole)
 
 
-MIN_DROP = 0.05
-"""An occlusion lowering the score by less than this is noise, not a region."""
+def region_sizes(cells: int) -> list[int]:
+    """How many of the top cells of a ``cells x cells`` map ``action="regions"`` tries to
+    censor: 1 to 4, then half as many again each time, below ``cells²`` (all of them is the
+    whole image).
+
+    Example:
+        >>> region_sizes(4), region_sizes(2), region_sizes(1)
+        ([1, 2, 3, 4, 6, 9, 14], [1, 2, 3], [1])
+    """
+    total = cells * cells
+    sizes = [size for size in (1, 2, 3, 4) if size < total] or [1]
+    while math.ceil(sizes[-1] * 1.5) < total:
+        sizes.append(math.ceil(sizes[-1] * 1.5))
+    return sizes
 
 
-def _strongest(drops: Tensor) -> Tensor:
-    """Where ``drops`` ([B, 1, n, n]) reach :data:`MIN_DROP` and half their image's largest."""
-    most = drops.flatten(1).amax(dim=1)[:, None, None, None]
-    return (drops >= MIN_DROP) & (drops >= 0.5 * most)
+def _top_cells(ranking: Tensor, sizes: list[int]) -> Tensor:
+    """``[B, len(sizes), 1, n, n]`` bool: each image's ``size`` highest cells of ``ranking``
+    (``[B, 1, n, n]``; NaN ranks first), for each size. In-graph: a sort, no host sync."""
+    batch, _, rows, columns = ranking.shape
+    flat = ranking.flatten(1).nan_to_num(nan=float("inf"))
+    rank = flat.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    top = torch.stack([rank < size for size in sizes], dim=1)
+    return top.view(batch, len(sizes), 1, rows, columns)
 
 
 def levels_and_flags(

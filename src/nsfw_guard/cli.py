@@ -428,6 +428,7 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if not 1024 <= args.port <= 65535:
         parser.error(f"--port {args.port}: expected 1024 to 65535")
     _check_backend_options(args, parser)
+    region_params = _region_params(args, parser)
     from .export import read_metadata
     from .model import resolve_folder
 
@@ -454,7 +455,7 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             level=args.level,
             threshold=args.threshold,
             action=args.action,
-            region_params=_region_params(args, parser),
+            region_params=region_params,
             max_batch_size=args.max_batch_size,
             batch_timeout_ms=args.batch_timeout_ms,
             max_bytes=args.max_bytes,
@@ -484,36 +485,46 @@ def _run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return EXIT_OK
 
 
+_REGION_OPTIONS = {
+    "margin": (
+        {"type": float, "metavar": "FRACTION"},
+        "grow each region by this fraction of the longer side (default: 0.05)",
+    ),
+    "censor": ({"choices": ("blur", "pixelate")}, "how the regions are censored (default: blur)"),
+    "map": ({"choices": ("occlusion", "cam")}, "how the regions are found (default: occlusion)"),
+    "cells": (
+        {"type": int, "metavar": "N"},
+        "the occlusion map's N x N grid of cells, 1-16 (default: 4; it scores N² + (N - 1)² + "
+        "1 variants of each image)",
+    ),
+    "shape": ({"choices": ("rect", "ellipse")}, "how a region grows by its margin (default: rect)"),
+    "feather": (
+        {"type": float, "metavar": "FRACTION"},
+        "a soft edge outside each region, a Gaussian whose sigma is this fraction of the longer "
+        "side (default: 0, a hard edge)",
+    ),
+}
+"""``--region-NAME``: ``action="regions"``'s parameter NAME (see :data:`censor.REGION_DEFAULTS`)."""
+
+
 def _add_region_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--region-margin",
-        type=float,
-        metavar="FRACTION",
-        help="with --action regions: grow each region by this fraction of the longer side "
-        "(default: 0.05)",
-    )
-    parser.add_argument(
-        "--region-censor",
-        choices=("blur", "pixelate"),
-        help="with --action regions: how the regions are censored (default: blur)",
-    )
-    parser.add_argument(
-        "--region-map",
-        choices=("occlusion", "cam"),
-        help="with --action regions: how the regions are found (default: occlusion)",
-    )
+    for name, (kind, text) in _REGION_OPTIONS.items():
+        parser.add_argument(f"--region-{name}", **kind, help=f"with --action regions: {text}")
 
 
 def _region_params(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """``action="regions"``'s settings from the command line, checked."""
     from . import censor
 
-    given = {"margin": args.region_margin, "censor": args.region_censor, "map": args.region_map}
+    given = {name: getattr(args, f"region_{name}") for name in _REGION_OPTIONS}
     params = {name: value for name, value in given.items() if value is not None}
     try:
         return censor.check_params("regions", params)
     except ValueError as error:
-        parser.error(str(error).replace("region margin=", "--region-margin "))
+        message = str(error)
+        for name in ("margin", "feather"):
+            message = message.replace(f"region {name}=", f"--region-{name} ")
+        parser.error(message.replace("region_cells=", "--region-cells "))
 
 
 def _add_allowed_hosts(parser: argparse.ArgumentParser) -> None:
@@ -710,6 +721,9 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .sources import is_shard
 
     _check_frames(args, parser)
+    region_params = _region_params(args, parser)
+    if region_params and args.action != "regions":
+        parser.error("the --region-* options are for --action regions")
     if args.workers < 0:
         parser.error(f"--workers {args.workers}: expected 0 or more")
     ray_engine = args.engine == "ray"
@@ -789,7 +803,7 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             resume=args.resume,
             censor_to=copies,
             action=args.action,
-            censor_params=_region_params(args, parser) if args.action == "regions" else None,
+            censor_params=region_params if args.action == "regions" else None,
             copy_clean=args.copy_clean,
             quiet=args.quiet,
             state=state,

@@ -12,7 +12,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, censor
 from .inputs import is_single_image, iter_image_batches
 from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
 from .model import LoadedModel, default_device, load_model
@@ -210,13 +210,18 @@ class NSFWDetector:
         images: Any,
         level: NSFWLevel | str | int | None = None,
         value_range: str = "auto",
+        map: str = "occlusion",
+        cells: int = censor.DEFAULT_REGION_CELLS,
     ) -> list[Tensor]:
-        """Per image, ``[H, W]`` float32 on the model's device: each patch's score at ``level``
-        (P(level >= it); the detector's level by default), upsampled to the image's size.
+        """Per image, ``[H, W]`` float32 on the model's device: where it is NSFW at ``level``
+        (the detector's level by default), stretched to the image's size; the worst case (1)
+        everywhere on an image that cannot be scored (NaN or Inf pixels).
 
-        From the forward pass that scores the images (see :meth:`NSFWScorer.classify_with_map`),
-        with no host sync. Experimental: a CAM-style map, not checked to localize on the real
-        model (see the README).
+        ``map="occlusion"`` (the default; what ``action="regions"`` censors by): how much hiding
+        each cell of a ``cells x cells`` grid (and the 2 x 2 blocks covering it) lowers the
+        score, see :meth:`NSFWScorer.occlusion_map`. ``map="cam"``: each patch's own score
+        (P(level >= it)) from the forward pass that scores the images, upsampled bilinearly,
+        see :meth:`NSFWScorer.classify_with_map`. Both in-graph, with no host sync.
 
         Example:
             >>> maps = detector.region_map([torch.rand(3, 64, 96), torch.rand(3, 32, 32)])
@@ -224,18 +229,21 @@ class NSFWDetector:
             [(64, 96), (32, 32)]
         """
         level = self.level if level is None else parse_check_level(level)
+        censor.check_params("regions", {"map": map, "cells": cells})
         maps: list[Tensor] = []
         for batch in iter_image_batches(images, value_range):
             size = list(batch.pixels.shape[-2:])
             for start in range(0, batch.pixels.shape[0], self.batch_size):
                 piece = batch.pixels[start : start + self.batch_size]
-                _, patches = self.scorer.classify_with_map(
-                    *self.scorer.preprocess(piece, batch.value_range)
-                )
-                upsampled = TF.resize(
-                    patches[:, level.index, None], size, interpolation=InterpolationMode.BILINEAR
-                )
-                maps.extend(upsampled[:, 0].float())
+                if map == "cam":
+                    pixels, verifiable = self.scorer.preprocess(piece, batch.value_range)
+                    grid = self.scorer.classify_with_map(pixels, verifiable)[1][:, level.index]
+                    mode = InterpolationMode.BILINEAR
+                else:
+                    drops = self.scorer.occlusion_map(piece, level.index, cells, batch.value_range)
+                    grid = drops[:, 0].nan_to_num(1.0)
+                    mode = InterpolationMode.NEAREST
+                maps.extend(TF.resize(grid[:, None], size, interpolation=mode)[:, 0].float())
         return maps
 
     def predict_proba(self, images: Any, value_range: str = "auto") -> list[dict[NSFWLevel, float]]:

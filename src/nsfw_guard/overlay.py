@@ -5,28 +5,35 @@ image's pixels and can be drawn over a censored preview without revealing anythi
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from . import censor
-from .check import MIN_DROP
 from .decode import decode_frames
 from .levels import NSFWLevel, parse_check_level
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .scoring import NSFWScorer
 
-__all__ = ["MAP_SIDE", "OVERLAY_COLOR", "overlay_png", "region_overlay_map"]
+__all__ = ["MAP_SIDE", "OVERLAY_COLOR", "OverlayMap", "overlay_png", "region_overlay_map"]
 
 MAP_SIDE = 512
 """An overlay's longer side, at most (the image's aspect ratio; the page scales it)."""
 OVERLAY_COLOR = (255, 24, 0)
 """Every pixel of an overlay has this colour; only its alpha (the map) varies."""
+
+
+class OverlayMap(NamedTuple):
+    """An image's region map for an overlay, and which frame it is of."""
+
+    values: Tensor
+    """``[h, w]`` float32 in [0, 1] on the CPU."""
+    frame: int
+    """The frame mapped: the one that scores highest at the level (0 for a still image)."""
 
 
 @torch.no_grad()
@@ -35,55 +42,47 @@ def region_overlay_map(
     data: bytes,
     level: NSFWLevel | str | int,
     region_params: dict[str, Any] | None = None,
-) -> Tensor:
-    """The map ``action="regions"`` uses (``region_params``' ``map`` and ``cells``), for the
-    first frame of the image file in ``data`` at ``level``: ``[h, w]`` float32 in [0, 1] on the
-    CPU, the image's aspect ratio, at most :data:`MAP_SIDE` on its longer side.
+) -> OverlayMap:
+    """The map ``action="regions"`` uses (``region_params``' ``map`` and ``cells``) at
+    ``level``, of the image file in ``data``, or of an animation's worst frame (every frame is
+    scored, one at a time, and the one scoring highest at ``level`` is mapped): ``[h, w]``
+    float32 in [0, 1] on the CPU, the image's aspect ratio, at most :data:`MAP_SIDE` on its
+    longer side.
 
-    ``"occlusion"``: how much hiding each cell lowers the score at ``level`` (below 0 is 0),
-    or, where no cell alone does, each 2 x 2 block of cells (as ``action="regions"`` searches);
-    ``"cam"``: each patch's own score. Where the image cannot be scored, 1.
+    ``"occlusion"``: how much hiding each cell (and the 2 x 2 blocks covering it) lowers the
+    score at ``level`` (below 0 is 0; see :meth:`NSFWScorer.occlusion_map`), the ranking
+    ``action="regions"`` censors by; ``"cam"``: each patch's own score. Where the image
+    cannot be scored, 1.
 
     Example:
         >>> buffer = io.BytesIO()
         >>> Image.new("RGB", (96, 64), "gray").save(buffer, "PNG")
-        >>> region_overlay_map(detector.scorer, buffer.getvalue(), "medium").shape
-        torch.Size([64, 96])
+        >>> overlay = region_overlay_map(detector.scorer, buffer.getvalue(), "medium")
+        >>> overlay.values.shape, overlay.frame
+        (torch.Size([64, 96]), 0)
     """
     params = {**censor.REGION_DEFAULTS, **(region_params or {})}
     index = parse_check_level(level).index
-    frame = next(decode_frames(data, [0], MAP_SIDE))
-    unit = composite_alpha(to_unit_range(frame.pixels, frame.value_range), WHITE)
-    unit = unit.expand(-1, 3, -1, -1)
+    device = scorer.preprocess.mean.device
+    worst, worst_score, unit = 0, -1.0, None
+    for number, frame in enumerate(decode_frames(data, None, MAP_SIDE)):
+        pixels = composite_alpha(to_unit_range(frame.pixels, frame.value_range), WHITE)
+        pixels = pixels.expand(-1, 3, -1, -1).to(device)
+        score = float(scorer(pixels, "0,1")[0, index])
+        if unit is None or score > worst_score:
+            worst, worst_score, unit = number, score, pixels
     height, width = unit.shape[-2:]
     scale = min(1.0, MAP_SIDE / max(height, width))
     size = [max(1, round(height * scale)), max(1, round(width * scale))]
     unit = TF.resize(unit, size, antialias=True).clamp(0, 1)
-    unit = unit.to(next(scorer.parameters()).device, torch.float32)
     if params["map"] == "cam":
         _, patches = scorer.classify_with_map(*scorer.preprocess(unit, "0,1"))
         grid, mode = patches[:, index, None].float(), InterpolationMode.BILINEAR
     else:  # each cell is hidden as a whole: shown as blocks
-        grid, mode = (
-            _occlusion_cells(scorer, unit, index, params["cells"]),
-            InterpolationMode.NEAREST,
-        )
+        grid = scorer.occlusion_map(unit, index, params["cells"]).float()
+        mode = InterpolationMode.NEAREST
     grid = grid.nan_to_num(1.0).clamp(0, 1)
-    return TF.resize(grid, size, interpolation=mode)[0, 0].cpu()
-
-
-def _occlusion_cells(scorer: NSFWScorer, unit: Tensor, level: int, cells: int) -> Tensor:
-    """``[1, 1, cells, cells]``: how much hiding each cell lowers the score; where no cell
-    alone lowers it by :data:`~nsfw_guard.check.MIN_DROP`, the most any 2 x 2 block of cells
-    that covers it does (a shape across a cell's edge shows only in blocks), as
-    ``action="regions"`` searches."""
-    drops = scorer.occlusion_map(unit, level, cells).float()
-    if cells > 1:
-        blocks = scorer.occlusion_map(unit, level, cells, window=2).float()
-        padded = F.pad(blocks, [1, 1, 1, 1], value=float("-inf"))
-        found = drops.flatten(1).amax(dim=1) >= MIN_DROP
-        drops = torch.where(found[:, None, None, None], drops, F.max_pool2d(padded, 2, stride=1))
-    return drops
+    return OverlayMap(TF.resize(grid, size, interpolation=mode)[0, 0].cpu(), worst)
 
 
 def overlay_png(region_map: Tensor) -> bytes:

@@ -166,7 +166,7 @@ class Preprocess(nn.Module):
         if images.dtype == torch.uint8:
             verifiable = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
             if images.shape[1] in (1, 3):  # no alpha to composite: resize the uint8 pixels
-                resized = self._resize(images, size).to(torch.float32)
+                resized = self.resize(images, size).to(torch.float32)
                 return self._normalize(resized, 1.0 / 255.0, 0.0), verifiable
             images = images.to(torch.float32)
             low, high, scale, offset = 0.0, 255.0, 1.0 / 255.0, 0.0
@@ -182,10 +182,11 @@ class Preprocess(nn.Module):
             images = composite_alpha(images * scale + offset, self.background)
             low, high, scale, offset = 0.0, 1.0, 1.0, 0.0
 
-        resized = self._resize(images, size).nan_to_num_(0.0).clamp_(low, high)
+        resized = self.resize(images, size).nan_to_num_(0.0).clamp_(low, high)
         return self._normalize(resized, scale, offset), verifiable
 
-    def _resize(self, images: Tensor, size: list[int]) -> Tensor:
+    def resize(self, images: Tensor, size: list[int]) -> Tensor:
+        """``images`` resized to ``size`` as the classifier's input is (:func:`resized_size`)."""
         if images.dtype == torch.uint8 or len(size) == 1:  # Pillow's uint8 kernel on CPU
             return TF.resize(images, size, interpolation=self._interpolation, antialias=True)
         # What TF.resize runs for float images, without its early return for an image already

@@ -340,8 +340,12 @@ class ReviewApp:
                 region_map = await asyncio.to_thread(region_overlay_map, self.scorer, data, level)
         except Exception as error:  # a file cut short or odd inside
             return _error(422, f"no map for record {index}: {type(error).__name__}: {error}")
-        headers = {"X-NSFW-Map-Level": level.value, "Cache-Control": "max-age=3600"}
-        return Response(overlay_png(region_map), media_type="image/png", headers=headers)
+        headers = {
+            "X-NSFW-Map-Level": level.value,
+            "X-NSFW-Map-Frame": str(region_map.frame),
+            "Cache-Control": "max-age=3600",
+        }
+        return Response(overlay_png(region_map.values), media_type="image/png", headers=headers)
 
     def _make_thumbnail(self, record: dict[str, Any]) -> tuple[bytes, str]:
         """The record's image as a JPEG thumbnail, or an animation's every frame as an animated

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .levels import cumulative_scores, mark_unverifiable
-from .preprocess import DataConfig, Preprocess
+from .preprocess import DataConfig, Preprocess, resized_size, to_unit_range
 
-__all__ = ["COMPILE_BUCKETS", "NSFWScorer"]
+__all__ = ["COMPILE_BUCKETS", "VARIANT_CHUNK", "NSFWScorer", "score_in_chunks"]
 
 COMPILE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 """The batch sizes the classifier is compiled for: a batch runs padded to the next one, and a
@@ -138,19 +138,17 @@ class NSFWScorer(nn.Module):
         return scores, patch_scores.permute(0, 3, 1, 2)
 
     def occlusion_map(
-        self,
-        images: Tensor,
-        level: int | Tensor,
-        cells: int = 4,
-        window: int = 1,
-        value_range: str = "0,1",
+        self, images: Tensor, level: int | Tensor, cells: int = 4, value_range: str = "0,1"
     ) -> Tensor:
-        """How much hiding each ``window x window`` block of cells of a ``cells x cells`` grid
-        over the image (filled with the image's mean colour) lowers its score at ``level`` (an
-        index, or ``[B]`` indices): ``[B, 1, n, n]``, ``n = cells - window + 1`` (blocks step one
-        cell), from one batched forward of ``B x (n² + 1)`` images.
+        """Per cell of a ``cells x cells`` grid over the image, how much hiding it lowers the
+        score at ``level`` (an index, or ``[B]`` indices), averaged with the most that hiding a
+        2 x 2 block of cells covering it does: ``[B, 1, cells, cells]`` in [-1, 1].
 
-        Float images only. NaN where the image cannot be scored (NaN or Inf pixels).
+        A hidden cell is filled with the image's mean colour. The blocks find what a single cell
+        cannot hide (a shape across a cell's edge); the single cells tell apart the cells of a
+        block. Scored at the size the classifier resizes to, in one batched forward of
+        ``B x (1 + cells² + (cells - 1)²)`` images. NaN where the image cannot be scored (NaN or
+        Inf pixels).
 
         Example:
             >>> scorer, images = detector.scorer, torch.rand(2, 3, 64, 64)
@@ -159,23 +157,58 @@ class NSFWScorer(nn.Module):
             (torch.Size([2, 1, 3, 3]), True)
         """
         batch, _, height, width = images.shape
-        device, blocks = images.device, cells - window + 1
-        starts = torch.arange(blocks, device=device)[:, None]
-        rows = (torch.arange(height, device=device) * cells // height)[None]
-        columns = (torch.arange(width, device=device) * cells // width)[None]
-        hidden_rows = (rows >= starts) & (rows < starts + window)
-        hidden_columns = (columns >= starts) & (columns < starts + window)
-        hidden = (hidden_rows[:, None, :, None] & hidden_columns[None, :, None, :]).flatten(0, 1)
-        fill = images.mean(dim=(-2, -1), keepdim=True)[:, None]
-        variants = torch.where(hidden[None, :, None], fill, images[:, None])
-        everything = torch.cat([images[:, None], variants], dim=1).flatten(0, 1)
-        count = blocks * blocks + 1
-        scores = self(everything, value_range).view(batch, count, -1)
+        unverifiable = ~torch.isfinite(images).flatten(1).all(dim=1)
+        size = resized_size(height, width, self.preprocess.config)
+        unit = self.preprocess.resize(to_unit_range(images, value_range), size).clamp(0, 1)
+        size = list(unit.shape[-2:])  # "center" crops resize the shorter side to one number
+        hidden = [_hidden_blocks(size, cells, window, unit.device) for window in (1, 2)]
+        hidden = torch.cat(hidden if cells > 1 else hidden[:1])
+        fill = unit.mean(dim=(-2, -1), keepdim=True)[:, None]
+        variants = torch.where(hidden[None, :, None], fill, unit[:, None])
+        everything = torch.cat([unit[:, None], variants], dim=1).flatten(0, 1)
+        count = hidden.shape[0] + 1
+        scores = score_in_chunks(self, everything, "0,1").view(batch, count, -1)
         if isinstance(level, Tensor):
             at_level = scores.gather(2, level.view(-1, 1, 1).expand(-1, count, 1))[..., 0]
         else:
             at_level = scores[..., level]
-        unverifiable = ~torch.isfinite(images).flatten(1).all(dim=1)
         drops = at_level[:, :1] - at_level[:, 1:]
-        drops = torch.where(unverifiable[:, None], torch.full_like(drops, float("nan")), drops)
-        return drops.view(batch, 1, blocks, blocks)
+        single = drops[:, : cells * cells].reshape(batch, 1, cells, cells)
+        if cells > 1:
+            blocks = drops[:, cells * cells :].reshape(batch, 1, cells - 1, cells - 1)
+            # Each cell: the most any of the (up to 4) blocks covering it lowers the score.
+            padded = F.pad(blocks, [1, 1, 1, 1], value=float("-inf"))
+            single = (single + F.max_pool2d(padded, 2, stride=1)) / 2
+        nan = torch.full_like(single, float("nan"))
+        return torch.where(unverifiable[:, None, None, None], nan, single)
+
+
+VARIANT_CHUNK = 32
+"""Images scored per forward where one image becomes many (occlusion variants, region
+candidates): bounds the activations' memory, whatever the batch."""
+
+
+def score_in_chunks(scorer: nn.Module, images: Tensor, value_range: str = "auto") -> Tensor:
+    """``scorer(images, value_range)``, :data:`VARIANT_CHUNK` images per forward.
+
+    Example:
+        >>> scores = score_in_chunks(detector.scorer, torch.rand(40, 3, 32, 32), "0,1")
+        >>> scores.shape
+        torch.Size([40, 4])
+    """
+    return torch.cat([scorer(chunk, value_range) for chunk in images.split(VARIANT_CHUNK)])
+
+
+def _hidden_blocks(
+    size: list[int], cells: int, window: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """``[n², H, W]`` bool: each ``window x window`` block of a ``cells x cells`` grid over an
+    image of ``size``, stepping one cell (``n = cells - window + 1``), row by row."""
+    height, width = size
+    blocks = cells - window + 1
+    starts = torch.arange(blocks, device=device)[:, None]
+    rows = (torch.arange(height, device=device) * cells // height)[None]
+    columns = (torch.arange(width, device=device) * cells // width)[None]
+    hidden_rows = (rows >= starts) & (rows < starts + window)
+    hidden_columns = (columns >= starts) & (columns < starts + window)
+    return (hidden_rows[:, None, :, None] & hidden_columns[None, :, None, :]).flatten(0, 1)

@@ -702,7 +702,8 @@ class ModerationAPI(ls.LitAPI):
         params = {**censor.REGION_DEFAULTS, **self.settings.region_params}
         region_map = region_overlay_map(self.scorer, job.images[0], job.level, params)
         headers["X-NSFW-Map"] = params["map"]
-        return Response(overlay_png(region_map), media_type="image/png", headers=headers)
+        headers["X-NSFW-Map-Frame"] = str(region_map.frame)
+        return Response(overlay_png(region_map.values), media_type="image/png", headers=headers)
 
     def _censored(self, job: _Job, verdict: dict[str, Any], headers: dict[str, str]) -> Response:
         data = job.images[0]
