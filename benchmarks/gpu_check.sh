@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session: the CUDA tests, then the GPU benchmarks (bench_gpu.py, bench_early_stop.py,
-# bench_serve.py, bench_backends.py). STEPS picks some: STEPS="tests serve" bash benchmarks/gpu_check.sh.
+# bench_serve.py, bench_backends.py, bench_regions.py). STEPS picks some: STEPS="tests serve" bash benchmarks/gpu_check.sh.
 # Logs and JSON go to $OUT (default /tmp/nsfw-guard-gpu). Wheels in .whl/ (what the machine
 # lacks: diffusers, litserve and its dependencies) are installed to /tmp/site first; the package
 # runs from src/.
 set -uo pipefail
 OUT=${OUT:-/tmp/nsfw-guard-gpu}
-STEPS=${STEPS:-tests backends gpu early serve}
+STEPS=${STEPS:-tests backends regions gpu early serve}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -31,6 +31,9 @@ for step in $STEPS; do
     backends)
         (cd benchmarks && timeout 400 python3 bench_backends.py --batches 1 4 16 32 \
             --output "$OUT/backends.json" 2>&1 | tee "$OUT/bench_backends.log") ;;
+    regions)
+        (cd benchmarks && timeout 300 python3 bench_regions.py --device cuda \
+            --output "$OUT/regions.json" 2>&1 | tee "$OUT/bench_regions.log") ;;
     serve)
         (cd benchmarks && timeout 300 python3 bench_serve.py --device cuda \
             --output "$OUT/serve.json" 2>&1 | tee "$OUT/bench_serve.log") ;;

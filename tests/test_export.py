@@ -218,7 +218,7 @@ def test_compile_runs_each_batch_size_bucket_once_and_matches_eager(sharp_checkp
     keys = list(scorer.state_dict())
     pixels, ok = scorer.preprocess(torch.rand(4, 3, 64, 64))
     expected = scorer.classify(pixels, ok)
-    assert scorer._compiled == {}  # not compiled on CPU by default
+    assert scorer._compiled is None  # not compiled on CPU by default
     scorer.compile = {"backend": "eager"}
     with caplog.at_level(logging.INFO, logger="nsfw_guard"):
         three = scorer.classify(pixels[:3], ok[:3])

@@ -198,8 +198,12 @@ def test_a_sampled_animation_is_flagged_and_never_copied_as_clean(bright, tmp_pa
         "--level", "high", folder / "long.gif",
     )  # fmt: skip
     assert code == EXIT_FLAGGED and out.rstrip().endswith("FLAGGED (sampled: 16 of 40 frames)")
+    # A CI gate: an animation checked in part fails it, whatever its checked frames' level.
+    code, _, _ = _scan(capsys, folder, *args, "--max-frames", "16", "--resume", "--fail-on", "high")
+    assert code == EXIT_FLAGGED
     # Every frame checked (the default) on resume: copied clean, byte for byte.
-    code, _, _ = _scan(capsys, folder, *args, "--resume")
+    code, _, _ = _scan(capsys, folder, *args, "--resume", "--fail-on", "high")
+    assert code == EXIT_OK
     assert (copies / "long.gif").read_bytes() == (folder / "long.gif").read_bytes()
     records = {Path(r["path"]).name: r for r in read_records(output)}
     assert not records["long.gif"]["sampled"] and not records["long.gif"]["flagged"]

@@ -164,7 +164,11 @@ def _parser() -> argparse.ArgumentParser:
         "--copy-clean", action="store_true", help="with --censor-to, also copy clean images"
     )
     scan.add_argument(
-        "--fail-on", choices=_LEVELS, metavar="LEVEL", help="exit 1 if any image reaches LEVEL"
+        "--fail-on",
+        choices=_LEVELS,
+        metavar="LEVEL",
+        help="exit 1 if any image reaches LEVEL, or is an animation checked only in part "
+        "(--max-frames: its other frames were never looked at)",
     )
     scan.add_argument("--quiet", action="store_true", help="no progress bar and summary")
     scan.set_defaults(run=_run_scan, command_parser=scan)
@@ -829,7 +833,7 @@ def _run_scan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.quiet:
         for line in [*summary.lines(), f"records: {_shown(str(output))}"]:
             _say(line)
-    if args.fail_on and summary.worst >= args.fail_on:
+    if args.fail_on and (summary.worst >= args.fail_on or summary.sampled):
         return EXIT_FLAGGED
     return EXIT_FILE_ERRORS if summary.errors else EXIT_OK
 

@@ -63,6 +63,8 @@ class ScanSummary:
     seconds: float = 0.0
     processes: int = 1
     worst: NSFWLevel = NSFWLevel.NEUTRAL
+    sampled: int = 0
+    """Animations checked only in part (``max_frames``): their other frames could be anything."""
     interrupted: bool = False
 
     def add(self, record: dict[str, Any]) -> None:
@@ -73,6 +75,7 @@ class ScanSummary:
             self.levels[level] += 1
             self.worst = max(self.worst, level)
         self.flagged += bool(record["flagged"] and record["level"])  # checked and flagged
+        self.sampled += bool(record.get("sampled"))
 
     def lines(self) -> list[str]:
         rate = self.scanned / self.seconds if self.seconds else 0.0
@@ -82,7 +85,8 @@ class ScanSummary:
             + (f", {self.processes} processes)" if self.processes > 1 else ")")
             + (f", {self.skipped} already done" if self.skipped else ""),
             f"levels: {counts}",
-            f"flagged: {self.flagged}, errors: {self.errors}",
+            f"flagged: {self.flagged}, errors: {self.errors}"
+            + (f", sampled animations: {self.sampled}" if self.sampled else ""),
         ]
 
 

@@ -58,8 +58,9 @@ class NSFWScorer(nn.Module):
         self.preprocess = Preprocess(data_config, background)
         self.model = model
         self.compile = compile
-        # The compiled forward, kept out of the module tree (its weights are the model's).
-        self._compiled: dict[str, Callable[[Tensor], Tensor]] = {}
+        # The compiled forward and the options it was compiled with, kept out of the module tree
+        # (its weights are the model's); compiled again if the options change.
+        self._compiled: tuple[str, Callable[[Tensor], Tensor]] | None = None
         self._compiled_buckets: set[int] = set()
 
     def forward(self, images: Tensor, value_range: str = "auto") -> Tensor:
@@ -80,10 +81,10 @@ class NSFWScorer(nn.Module):
         """The classifier's logits through its compiled forward, a bucket-sized batch at a time."""
         options = self.compile if isinstance(self.compile, dict) else {"mode": COMPILE_MODE}
         key = repr(sorted(options.items()))
-        if key not in self._compiled:
-            self._compiled = {key: torch.compile(self.model.forward, dynamic=False, **options)}
+        if self._compiled is None or self._compiled[0] != key:
+            self._compiled = key, torch.compile(self.model.forward, dynamic=False, **options)
             self._compiled_buckets = set()
-        forward = self._compiled[key]
+        forward = self._compiled[1]
         largest = COMPILE_BUCKETS[-1]
         logits = []
         for chunk in pixels.split(largest):
