@@ -133,6 +133,8 @@ def regions_selectivity(scorer: NSFWScorer, images: torch.Tensor, masks: torch.T
     """``action="regions"`` (blur radius 0.25: the toy flags magenta, which the default blur
     leaves magenta) on flagged images: how many come back censored in regions, how many the
     whole-image blur clears at all, and the share of the image censored."""
+    if len(images) == 0:  # a toy that flags nothing (--quick's short training)
+        return {"flagged_images": 0, "whole_blur_clears": 0, "censored_in_regions": 0}
     params = {"radius": 0.25}
     step = CheckStep(scorer, level="high", action="regions", censor_params=params)
     with torch.inference_mode():
