@@ -198,6 +198,36 @@ def test_region_maps_only_with_a_model_only_of_recorded_images(tmp_path):
     assert changed.status_code == 404 and "changed since it was scanned" in changed.text
 
 
+def test_region_maps_take_the_map_and_cells_given(tmp_path, capsys):
+    """review --region-cells / --region-map: the maps' grid and kind, checked up front."""
+    import torch
+
+    from nsfw_guard import NSFWDetector
+    from nsfw_guard.cli import EXIT_USAGE, main
+
+    from .conftest import make_brightness_checkpoint
+
+    square = tmp_path / "square.png"
+    _bright_square(square)
+    results = tmp_path / "results.jsonl"
+    with RecordFile(results) as file:
+        file.write([record(str(square), "high", 0.9)])
+    folder = make_brightness_checkpoint(tmp_path / "bright", -1.2)
+    scorer = NSFWDetector.from_pretrained(folder, device="cpu", dtype=torch.float32).scorer
+    client = TestClient(create_app(results, scorer=scorer, region_params={"cells": 2}))
+    with Image.open(io.BytesIO(client.get("/map/0").content)) as overlay:
+        alpha = np.asarray(overlay)[..., 3]
+    # 2 x 2 cells of 32 px: the square lies in the top-left one, the only one hot. (Hiding
+    # the one block, the whole image, leaves its mean colour, which this model still flags.)
+    assert alpha[:32, :32].min() > 100 and alpha[32:].max() < 13 and alpha[:, 32:].max() < 13
+    with pytest.raises(ValueError, match="region_cells=0"):
+        create_app(results, scorer=scorer, region_params={"cells": 0})
+    with pytest.raises(SystemExit) as stopped:
+        main(["review", str(results), "--region-cells", "2"])  # no --model: no maps
+    assert stopped.value.code == EXIT_USAGE
+    assert "are for the maps of --model" in capsys.readouterr().err
+
+
 def test_decisions_file_keeps_every_line(tmp_path):
     decisions = Decisions(tmp_path / "r.decisions.jsonl")
     for i in range(20):

@@ -308,6 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     review.add_argument(
         "--device", default="auto", help="the maps' device: auto, cpu, cuda... (default: auto)"
     )
+    _add_region_options(review, ("map", "cells"), "with --model: the maps'")
     review.set_defaults(run=_run_review, command_parser=review)
 
     export = commands.add_parser(
@@ -387,6 +388,9 @@ def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     if not args.results.is_file():
         parser.error(f"{args.results}: no such record file")
+    region_params = _region_params(args, parser)
+    if region_params and args.model is None:
+        parser.error("--region-map and --region-cells are for the maps of --model")
     key = args.api_key or secrets.token_urlsafe(24)
     scorer = None
     if args.model is not None:
@@ -399,7 +403,9 @@ def _run_review(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             parser.error(str(error))
     try:
         hosts = allowed_hosts(args.host, args.allowed_hosts)
-        app = create_app(args.results, key=key, hosts=hosts, scorer=scorer)
+        app = create_app(
+            args.results, key=key, hosts=hosts, scorer=scorer, region_params=region_params
+        )
     except ValueError as error:
         parser.error(str(error))
     host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
@@ -511,16 +517,21 @@ _REGION_OPTIONS = {
 """``--region-NAME``: ``action="regions"``'s parameter NAME (see :data:`censor.REGION_DEFAULTS`)."""
 
 
-def _add_region_options(parser: argparse.ArgumentParser) -> None:
-    for name, (kind, text) in _REGION_OPTIONS.items():
-        parser.add_argument(f"--region-{name}", **kind, help=f"with --action regions: {text}")
+def _add_region_options(
+    parser: argparse.ArgumentParser,
+    names: Sequence[str] = tuple(_REGION_OPTIONS),
+    prefix: str = "with --action regions:",
+) -> None:
+    for name in names:
+        kind, text = _REGION_OPTIONS[name]
+        parser.add_argument(f"--region-{name}", **kind, help=f"{prefix} {text}")
 
 
 def _region_params(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """``action="regions"``'s settings from the command line, checked."""
     from . import censor
 
-    given = {name: getattr(args, f"region_{name}") for name in _REGION_OPTIONS}
+    given = {name: getattr(args, f"region_{name}", None) for name in _REGION_OPTIONS}
     params = {name: value for name, value in given.items() if value is not None}
     try:
         return censor.check_params("regions", params)

@@ -46,6 +46,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import censor
 from .access import bearer_matches, same_key, wrong_host
 from .decode import decode_frames
 from .inputs import ImageBatch
@@ -199,6 +200,7 @@ class ReviewApp:
     """The review server's state and routes. ``Starlette(routes=ReviewApp(...).routes)``.
 
     ``scorer``: the model for the region maps (``/map/N``); ``None``: no maps.
+    ``region_params``: the maps' ``map`` and ``cells`` (see :func:`region_overlay_map`).
     """
 
     def __init__(
@@ -206,9 +208,11 @@ class ReviewApp:
         results: str | os.PathLike,
         cache_size: int = 2048,
         scorer: NSFWScorer | None = None,
+        region_params: dict[str, Any] | None = None,
     ):
         self.results = Path(results)
         self.scorer = scorer
+        self.region_params = censor.check_params("regions", region_params or {})
         self._model_lock = asyncio.Lock()
         self.items = [_Item(i, record) for i, record in enumerate(read_records(self.results))]
         self.decisions = Decisions(decisions_path(self.results))
@@ -337,7 +341,9 @@ class ReviewApp:
             return _error(404, f"{type(error).__name__}: {error}")
         try:
             async with self._model_lock:  # one map at a time on the model
-                region_map = await asyncio.to_thread(region_overlay_map, self.scorer, data, level)
+                region_map = await asyncio.to_thread(
+                    region_overlay_map, self.scorer, data, level, self.region_params
+                )
         except Exception as error:  # a file cut short or odd inside
             return _error(422, f"no map for record {index}: {type(error).__name__}: {error}")
         headers = {
@@ -511,9 +517,10 @@ def create_app(
     key: str | None = None,
     hosts: frozenset[str] | None = None,
     scorer: NSFWScorer | None = None,
+    region_params: dict[str, Any] | None = None,
 ) -> Starlette:
     """The review server's app for a record file, behind a :class:`ReviewGate` with ``key``
-    and ``hosts``; with a ``scorer``, it serves region maps.
+    and ``hosts``; with a ``scorer``, it serves region maps (made with ``region_params``).
 
     Example:
         >>> import tempfile
@@ -529,4 +536,5 @@ def create_app(
         1
     """
     gate = Middleware(ReviewGate, key=key, hosts=hosts)
-    return Starlette(routes=ReviewApp(results, scorer=scorer).routes, middleware=[gate])
+    app = ReviewApp(results, scorer=scorer, region_params=region_params)
+    return Starlette(routes=app.routes, middleware=[gate])
