@@ -59,6 +59,12 @@ def square_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def checker_checkpoint(tmp_path_factory) -> Path:
+    """The same toy trained to flag a magenta-and-green checkerboard square: a texture."""
+    return make_square_checkpoint(tmp_path_factory.mktemp("checker"), pattern="checker")
+
+
+@pytest.fixture(scope="session")
 def detector(sharp_checkpoint) -> NSFWDetector:
     # float32 pinned: the default dtype depends on the CPU (see test_model.py).
     return NSFWDetector.from_pretrained(sharp_checkpoint, device="cpu", dtype=torch.float32)

@@ -90,8 +90,12 @@ def test_regions_benchmark_quick_mode_runs_on_cpu(tmp_path):
     assert all(row["occlusion_map_4x4_ms"] > 0 for row in results["cost"])
     assert all(row["regions_step_ms"] > row["scores_ms"] for row in results["cost"])
     found = results["localization"]
-    assert [row["map"] for row in found] == ["cam", "occlusion"]
-    regions = results["regions"]
-    assert regions["censored_in_regions"] <= regions["flagged_images"]
+    assert [(row["square"], row["map"]) for row in found] == [
+        ("magenta", "cam"),
+        ("magenta", "occlusion"),
+        ("checker", "cam"),
+        ("checker", "occlusion"),
+    ]
+    assert all(row["censored_in_regions"] <= row["flagged_images"] for row in results["regions"])
     assert all(row["train_steps"] == 10 and 0 <= row["localized_fraction"] <= 1 for row in found)
     assert "| size" in done.stdout and "localized_fraction" in done.stdout

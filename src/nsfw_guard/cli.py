@@ -504,8 +504,8 @@ _REGION_OPTIONS = {
     "map": ({"choices": ("occlusion", "cam")}, "how the regions are found (default: occlusion)"),
     "cells": (
         {"type": int, "metavar": "N"},
-        "the occlusion map's N x N grid of cells, 1-16 (default: 4; it scores N² + (N - 1)² + "
-        "1 variants of each image)",
+        "the occlusion map's N x N grid of cells, 1-16 (default: 4; it scores 2 N² + (N - 1)² "
+        "+ 2 variants of each image)",
     ),
     "shape": ({"choices": ("rect", "ellipse")}, "how a region grows by its margin (default: rect)"),
     "feather": (

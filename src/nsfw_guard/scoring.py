@@ -141,15 +141,18 @@ class NSFWScorer(nn.Module):
     def occlusion_map(
         self, images: Tensor, level: int | Tensor, cells: int = 4, value_range: str = "0,1"
     ) -> Tensor:
-        """Per cell of a ``cells x cells`` grid over the image, how much hiding it lowers the
-        score at ``level`` (an index, or ``[B]`` indices), averaged with the most that hiding a
-        2 x 2 block of cells covering it does: ``[B, 1, cells, cells]`` in [-1, 1].
+        """Per cell of a ``cells x cells`` grid over the image, how much it makes the image score
+        at ``level`` (an index, or ``[B]`` indices): ``[B, 1, cells, cells]`` in [-1, 1].
 
-        A hidden cell is filled with the image's mean colour. The blocks find what a single cell
-        cannot hide (a shape across a cell's edge); the single cells tell apart the cells of a
-        block. Scored at the size the classifier resizes to, in one batched forward of
-        ``B x (1 + cells² + (cells - 1)²)`` images. NaN where the image cannot be scored (NaN or
-        Inf pixels).
+        A weighted mean (:data:`OCCLUSION_WEIGHTS`) of how much hiding the cell lowers the score
+        (filled with the image's mean colour), the most that hiding a 2 x 2 block of cells
+        covering it does, and how much showing it alone (the rest hidden) raises the score over
+        the image all hidden. The blocks find what a single cell cannot hide (a shape across a
+        cell's edge, two parts each enough alone); the single cells tell apart a block's cells;
+        showing a cell alone tells apart the cells that still tie (a model that a sliver of the
+        shape flags). Scored at the size the classifier resizes to, in one batch of
+        ``B x (2 + 2 cells² + (cells - 1)²)`` images (43 at 4 cells), :data:`VARIANT_CHUNK` per
+        forward. NaN where the image cannot be scored (NaN or Inf pixels).
 
         Example:
             >>> scorer, images = detector.scorer, torch.rand(2, 3, 64, 64)
@@ -162,28 +165,37 @@ class NSFWScorer(nn.Module):
         size = resized_size(height, width, self.preprocess.config)
         unit = self.preprocess.resize(to_unit_range(images, value_range), size).clamp(0, 1)
         size = list(unit.shape[-2:])  # "center" crops resize the shorter side to one number
-        hidden = [_hidden_blocks(size, cells, window, unit.device) for window in (1, 2)]
-        hidden = torch.cat(hidden if cells > 1 else hidden[:1])
+        alone = _hidden_blocks(size, cells, 1, unit.device)
+        blocks = _hidden_blocks(size, cells, 2, unit.device)  # none for one cell
+        nothing = torch.zeros_like(alone[:1])
+        # The image, each cell hidden, each block hidden, each cell alone shown, all hidden.
+        hidden = torch.cat([nothing, alone, blocks, ~alone, ~nothing])
         fill = unit.mean(dim=(-2, -1), keepdim=True)[:, None]
-        variants = torch.where(hidden[None, :, None], fill, unit[:, None])
-        everything = torch.cat([unit[:, None], variants], dim=1).flatten(0, 1)
-        count = hidden.shape[0] + 1
-        scores = score_in_chunks(self, everything, "0,1").view(batch, count, -1)
+        variants = torch.where(hidden[None, :, None], fill, unit[:, None]).flatten(0, 1)
+        count = hidden.shape[0]
+        scores = score_in_chunks(self, variants, "0,1").view(batch, count, -1)
         if isinstance(level, Tensor):
             at_level = scores.gather(2, level.view(-1, 1, 1).expand(-1, count, 1))[..., 0]
         else:
             at_level = scores[..., level]
-        drops = at_level[:, :1] - at_level[:, 1:]
-        single = drops[:, : cells * cells].reshape(batch, 1, cells, cells)
-        if cells > 1:
-            blocks = drops[:, cells * cells :].reshape(batch, 1, cells - 1, cells - 1)
-            # Each cell: the most any of the (up to 4) blocks covering it lowers the score.
-            padded = F.pad(blocks, [1, 1, 1, 1], value=float("-inf"))
-            single = (single + F.max_pool2d(padded, 2, stride=1)) / 2
+        base, cells_hidden, blocks_hidden, shown, blank = at_level.split(
+            [1, alone.shape[0], blocks.shape[0], alone.shape[0], 1], dim=1
+        )
+        single = (base - cells_hidden).view(batch, 1, cells, cells)
+        best_block = single
+        if cells > 1:  # each cell: the most any of the (up to 4) blocks covering it lowers it
+            drops = (base - blocks_hidden).view(batch, 1, cells - 1, cells - 1)
+            best_block = F.max_pool2d(F.pad(drops, [1, 1, 1, 1], value=-1.0), 2, stride=1)
+        gain = (shown - blank).view(batch, 1, cells, cells)
+        single = OCCLUSION_WEIGHTS[0] * single + OCCLUSION_WEIGHTS[1] * best_block
+        single = single + OCCLUSION_WEIGHTS[2] * gain
         nan = torch.full_like(single, float("nan"))
         return torch.where(unverifiable[:, None, None, None], nan, single)
 
 
+OCCLUSION_WEIGHTS = (0.45, 0.45, 0.1)
+"""How :meth:`NSFWScorer.occlusion_map` weighs, per cell, the drop from hiding it, the largest
+drop from hiding a 2 x 2 block covering it, and the gain from showing it alone."""
 VARIANT_CHUNK = 32
 """Images scored per forward where one image becomes many (occlusion variants, region
 candidates): bounds the activations' memory, whatever the batch."""

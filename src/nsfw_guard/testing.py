@@ -18,6 +18,7 @@ from .model import ARCHITECTURE, LABELS, quiet_transformers
 
 __all__ = [
     "ARCHITECTURE",
+    "SQUARE_PATTERNS",
     "TINY_MODEL_ARGS",
     "make_checkpoint",
     "make_square_checkpoint",
@@ -93,18 +94,26 @@ SQUARE_MODEL_ARGS = {"img_size": 32, "patch_size": 8}
 """The toy classifier of :func:`make_square_checkpoint`: 32² input, a 4 x 4 patch grid."""
 
 
+SQUARE_PATTERNS = ("magenta", "checker")
+"""What fills a toy square: flat magenta (a colour, which a blur keeps), or a checkerboard of
+4-pixel magenta and green squares (a texture of grey mean colour, which a blur removes)."""
+
+
 def square_images(
-    count: int, generator: torch.Generator, size: int = 64
+    count: int, generator: torch.Generator, size: int = 64, pattern: str = "magenta"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` toy images in [0, 1], every other one (from the first) with a magenta square
-    (a sixth to a third of the side) on a random flat, slightly noisy background, and their
-    ``[count, 1, size, size]`` square masks (all false for the others).
+    """``count`` toy images in [0, 1], every other one (from the first) with a square filled with
+    ``pattern`` (see :data:`SQUARE_PATTERNS`; a sixth to a third of the side) on a random flat,
+    slightly noisy background, and their ``[count, 1, size, size]`` square masks (all false for
+    the others).
 
     Example:
         >>> images, masks = square_images(4, torch.Generator().manual_seed(0))
         >>> images.shape, masks.flatten(1).any(dim=1).tolist()
         (torch.Size([4, 3, 64, 64]), [True, False, True, False])
     """
+    if pattern not in SQUARE_PATTERNS:
+        raise ValueError(f"pattern={pattern!r}: expected one of {SQUARE_PATTERNS}.")
     images = torch.rand(count, 3, 1, 1, generator=generator) * 0.8 + 0.1
     images = (images + 0.1 * torch.rand(count, 3, size, size, generator=generator)).clamp(0, 1)
     masks = torch.zeros(count, 1, size, size, dtype=torch.bool)
@@ -112,8 +121,12 @@ def square_images(
         side = int(torch.randint(size // 6, size // 3, (1,), generator=generator))
         top, left = torch.randint(0, size - side, (2,), generator=generator).tolist()
         masks[index, :, top : top + side, left : left + side] = True
-    magenta = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)
-    return torch.where(masks, magenta, images), masks
+    fill = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    if pattern == "checker":
+        rows, columns = torch.arange(size)[:, None] // 4, torch.arange(size)[None, :] // 4
+        green = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
+        fill = torch.where((rows + columns) % 2 == 0, fill, green)
+    return torch.where(masks, fill, images), masks
 
 
 def square_cells(masks: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,10 +149,13 @@ def square_cells(masks: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.T
     return share.view(-1, cells, cells), (hits > 0).view(-1, cells, cells)
 
 
-def make_square_checkpoint(path: str | os.PathLike, steps: int = 400, seed: int = 0) -> Path:
+def make_square_checkpoint(
+    path: str | os.PathLike, steps: int = 400, seed: int = 0, pattern: str = "magenta"
+) -> Path:
     """Train a toy EVA02 (:data:`SQUARE_MODEL_ARGS`, one narrow block) on
-    :func:`square_images` with image labels only (a square: "high", none: "neutral") for
-    ``steps`` steps of 32 images on the CPU (about 5 s), and write it in the Hub's format.
+    :func:`square_images` of ``pattern`` with image labels only (a square: "high", none:
+    "neutral") for ``steps`` steps of 32 images on the CPU (about 5 s), and write it in the
+    Hub's format.
 
     A model that learned what to flag, for testing what region maps find; the global RNG is
     left untouched.
@@ -156,7 +172,7 @@ def make_square_checkpoint(path: str | os.PathLike, steps: int = 400, seed: int 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny batches: threads only contend (30x slower on 2 busy cores)
     try:
-        _train(model, scorer, optimizer, generator, steps)
+        _train(model, scorer, optimizer, generator, steps, pattern)
     finally:
         torch.set_num_threads(threads)
     weights = {f"timm_model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -164,13 +180,13 @@ def make_square_checkpoint(path: str | os.PathLike, steps: int = 400, seed: int 
     return folder
 
 
-def _train(model, scorer, optimizer, generator: torch.Generator, steps: int) -> None:
+def _train(model, scorer, optimizer, generator: torch.Generator, steps: int, pattern: str) -> None:
     from torch.nn import functional as F
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator.initial_seed())
         for _ in range(steps):
-            images, masks = square_images(32, generator)
+            images, masks = square_images(32, generator, pattern=pattern)
             labels = masks.flatten(1).any(dim=1).long() * NSFWLevel.HIGH.index
             pixels, _ = scorer.preprocess(images, "0,1")
             loss = F.cross_entropy(model(pixels), labels)
