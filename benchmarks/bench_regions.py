@@ -6,19 +6,21 @@
 - **cost**: extra ms per image of :meth:`NSFWScorer.classify_with_map` (the per-patch map from the
   same forward pass, upsampled to 512²) over :meth:`NSFWScorer.classify`, of turning the map
   into a censor mask and blending it (:func:`region_alpha` + :func:`censor_regions`, 512²), of
-  the occlusion map ``action="regions"`` uses by default (4 x 4 cells and 3 x 3 blocks: 26
-  forwards at the classifier's size), and of the whole regions step (the map, then 7 candidate
-  sets of cells censored and rescored at 512²). Random weights of the real architecture, tiny
-  and full size.
+  the occlusion map ``action="regions"`` uses by default (4 x 4 cells hidden and shown alone,
+  3 x 3 blocks hidden, the image and its mean: 43 forwards at the classifier's size), and of the
+  whole regions step (the map, then 7 candidate sets of cells censored and rescored at 512²).
+  Random weights of the real architecture, tiny and full size.
 - **localization**: the toy EVA02 of :func:`make_square_checkpoint` (32² input, 8-pixel
-  patches, one block) trained here on 64² synthetic images, a magenta square on a random
-  background = "high", none = "neutral" (image labels only, as the real model was trained),
+  patches, one block) trained here on 64² synthetic images, a square on a random background =
+  "high", none = "neutral" (image labels only, as the real model was trained), twice: a flat
+  magenta square (a colour) and a magenta-and-green checkerboard (a texture),
   loaded by the real loader. Per held-out square image it flags: do all the cells holding a
   quarter of the square or more (and: all the cells it touches) score above every cell it does
   not touch (4 x 4 cells: the patch grid), for the patch map (cam) and the occlusion map? And
   ``action="regions"`` on the same images: how many are censored in regions rather than whole,
   against how many the whole-image blur itself clears (the most regions can), and how much of
-  the image is censored.
+  the image is censored (the default blur for the checkerboard; radius 0.25 for magenta, which
+  the default blur leaves magenta).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from _common import RESULTS, machine, measure, print_table, write_json
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from nsfw_guard.censor import blur, censor_regions, region_alpha
+from nsfw_guard.censor import DEFAULT_BLUR_RADIUS, blur, censor_regions, region_alpha
 from nsfw_guard.check import CheckStep, region_sizes
 from nsfw_guard.model import load_model
 from nsfw_guard.scoring import NSFWScorer
 from nsfw_guard.testing import (
+    SQUARE_PATTERNS,
     make_checkpoint,
     make_square_checkpoint,
     square_cells,
@@ -90,17 +93,17 @@ def cost_row(device: str, size: str, repeats: int) -> dict:
         "map_extra_ms": (mapped - base) * 1e3,
         "mask_and_blend_ms": censor * 1e3,
         "occlusion_map_4x4_ms": occluded * 1e3,
-        "occlusion_forwards": 1 + 16 + 9,
+        "occlusion_forwards": 2 + 2 * 16 + 9,
         "regions_step_ms": regioned * 1e3,
-        "regions_forwards": 1 + 16 + 9 + len(region_sizes(4)),
+        "regions_forwards": 2 + 2 * 16 + 9 + len(region_sizes(4)),
     }
 
 
-def localization(steps: int) -> tuple[list[dict], dict]:
-    folder = make_square_checkpoint(tempfile.mkdtemp(), steps=steps)
+def localization(steps: int, pattern: str) -> tuple[list[dict], dict]:
+    folder = make_square_checkpoint(tempfile.mkdtemp(), steps=steps, pattern=pattern)
     trained = load_model(folder, device="cpu", dtype=torch.float32)  # the real loader
     scorer = NSFWScorer(trained.model, trained.data_config)
-    images, masks = square_images(200, torch.Generator().manual_seed(1))
+    images, masks = square_images(200, torch.Generator().manual_seed(1), pattern=pattern)
     with torch.inference_mode():
         scores, patches = scorer.classify_with_map(*scorer.preprocess(images, "0,1"))
         drops = scorer.occlusion_map(images, HIGH, cells=4)
@@ -117,6 +120,7 @@ def localization(steps: int) -> tuple[list[dict], dict]:
         top = [bool(near.flatten()[v.flatten().argmax()]) for v, near in pairs]
         rows.append(
             {
+                "square": pattern,
                 "map": name,
                 "train_steps": steps,
                 "accuracy": float((flagged == high).float().mean()),
@@ -126,23 +130,27 @@ def localization(steps: int) -> tuple[list[dict], dict]:
                 "top_cell_on_square": sum(top) / max(1, len(top)),
             }
         )
-    return rows, regions_selectivity(scorer, images[flagged], masks[flagged])
+    radius = 0.25 if pattern == "magenta" else DEFAULT_BLUR_RADIUS
+    regions = regions_selectivity(scorer, images[flagged], masks[flagged], radius)
+    return rows, {"square": pattern, **regions}
 
 
-def regions_selectivity(scorer: NSFWScorer, images: torch.Tensor, masks: torch.Tensor) -> dict:
-    """``action="regions"`` (blur radius 0.25: the toy flags magenta, which the default blur
-    leaves magenta) on flagged images: how many come back censored in regions, how many the
-    whole-image blur clears at all, and the share of the image censored."""
+def regions_selectivity(
+    scorer: NSFWScorer, images: torch.Tensor, masks: torch.Tensor, radius: float
+) -> dict:
+    """``action="regions"`` (blurring with ``radius``) on flagged images: how many come back
+    censored in regions, how many the whole-image blur clears at all, and the share of the
+    image censored."""
     if len(images) == 0:  # a toy that flags nothing (--quick's short training)
-        return {"flagged_images": 0, "whole_blur_clears": 0, "censored_in_regions": 0}
-    params = {"radius": 0.25}
-    step = CheckStep(scorer, level="high", action="regions", censor_params=params)
+        return {"blur_radius": radius, "flagged_images": 0, "censored_in_regions": 0}
+    step = CheckStep(scorer, level="high", action="regions", censor_params={"radius": radius})
     with torch.inference_mode():
         output = step.run(images, value_range="0,1")
-        whole = scorer(blur(images, radius=0.25), "0,1")[:, HIGH]
+        whole = scorer(blur(images, radius=radius), "0,1")[:, HIGH]
     changed = (output.images != images).any(dim=1).flatten(1).float().mean(dim=1)
     in_regions = changed < 0.99
     return {
+        "blur_radius": radius,
         "flagged_images": len(images),
         "whole_blur_clears": int((whole < 0.5).sum()),
         "censored_in_regions": int(in_regions.sum()),
@@ -163,9 +171,14 @@ def main() -> None:
     sizes = ["tiny"] if args.quick else ["tiny", "full"]
     cost = [cost_row(args.device, size, 1 if args.quick else 5) for size in sizes]
     print_table("Region map cost, batch 1, 512² input", cost)
-    found, selective = localization(args.steps or (10 if args.quick else 400))
+    steps = args.steps or (10 if args.quick else 400)
+    found, selective = [], []
+    for pattern in SQUARE_PATTERNS:
+        rows, regions = localization(steps, pattern)
+        found.extend(rows)
+        selective.append(regions)
     print_table("Does the map find the square? (toy EVA02, image labels only)", found)
-    print_table("action='regions' on the flagged toy images (blur radius 0.25)", [selective])
+    print_table("action='regions' on the flagged toy images", selective)
     results = {"machine": machine(), "cost": cost, "localization": found, "regions": selective}
     output = args.output
     if output is None:
