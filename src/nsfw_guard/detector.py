@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from . import DEFAULT_MODEL, censor
@@ -17,7 +16,7 @@ from .inputs import is_single_image, iter_image_batches
 from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
 from .model import LoadedModel, default_device, load_model
 from .onnx_backend import BACKENDS, OnnxScorer
-from .scoring import NSFWScorer
+from .scoring import REGION_MAP_MODES, NSFWScorer, region_grid
 
 __all__ = ["NSFWDetector", "Prediction"]
 
@@ -217,9 +216,9 @@ class NSFWDetector:
         (the detector's level by default), stretched to the image's size; the worst case (1)
         everywhere on an image that cannot be scored (NaN or Inf pixels).
 
-        ``map="occlusion"`` (the default; what ``action="regions"`` censors by): how much hiding
-        each cell of a ``cells x cells`` grid (and the 2 x 2 blocks covering it) lowers the
-        score, see :meth:`NSFWScorer.occlusion_map`. ``map="cam"``: each patch's own score
+        ``map="occlusion"`` (the default; what ``action="regions"`` censors by): how much each
+        cell of a ``cells x cells`` grid makes the image score, see
+        :meth:`NSFWScorer.occlusion_map`. ``map="cam"``: each patch's own score
         (P(level >= it)) from the forward pass that scores the images, upsampled bilinearly,
         see :meth:`NSFWScorer.classify_with_map`. Both in-graph, with no host sync.
 
@@ -235,15 +234,8 @@ class NSFWDetector:
             size = list(batch.pixels.shape[-2:])
             for start in range(0, batch.pixels.shape[0], self.batch_size):
                 piece = batch.pixels[start : start + self.batch_size]
-                if map == "cam":
-                    pixels, verifiable = self.scorer.preprocess(piece, batch.value_range)
-                    grid = self.scorer.classify_with_map(pixels, verifiable)[1][:, level.index]
-                    mode = InterpolationMode.BILINEAR
-                else:
-                    drops = self.scorer.occlusion_map(piece, level.index, cells, batch.value_range)
-                    grid = drops[:, 0].nan_to_num(1.0)
-                    mode = InterpolationMode.NEAREST
-                maps.extend(TF.resize(grid[:, None], size, interpolation=mode)[:, 0].float())
+                grid = region_grid(self.scorer, piece, level.index, map, cells, batch.value_range)
+                maps.extend(TF.resize(grid, size, interpolation=REGION_MAP_MODES[map])[:, 0])
         return maps
 
     def predict_proba(self, images: Any, value_range: str = "auto") -> list[dict[NSFWLevel, float]]:

@@ -10,14 +10,13 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from . import censor
 from .decode import decode_frames
 from .levels import NSFWLevel, parse_check_level
 from .preprocess import WHITE, composite_alpha, to_unit_range
-from .scoring import NSFWScorer
+from .scoring import REGION_MAP_MODES, NSFWScorer, region_grid
 
 __all__ = ["MAP_SIDE", "OVERLAY_COLOR", "OverlayMap", "overlay_png", "region_overlay_map"]
 
@@ -49,10 +48,9 @@ def region_overlay_map(
     float32 in [0, 1] on the CPU, the image's aspect ratio, at most :data:`MAP_SIDE` on its
     longer side.
 
-    ``"occlusion"``: how much hiding each cell (and the 2 x 2 blocks covering it) lowers the
-    score at ``level`` (below 0 is 0; see :meth:`NSFWScorer.occlusion_map`), the ranking
-    ``action="regions"`` censors by; ``"cam"``: each patch's own score. Where the image
-    cannot be scored, 1.
+    ``"occlusion"``: how much each cell makes the image score at ``level`` (below 0 is 0; see
+    :meth:`NSFWScorer.occlusion_map`), the ranking ``action="regions"`` censors by; ``"cam"``:
+    each patch's own score. Where the image cannot be scored, 1 (see :func:`region_grid`).
 
     Example:
         >>> buffer = io.BytesIO()
@@ -75,13 +73,8 @@ def region_overlay_map(
     scale = min(1.0, MAP_SIDE / max(height, width))
     size = [max(1, round(height * scale)), max(1, round(width * scale))]
     unit = TF.resize(unit, size, antialias=True).clamp(0, 1)
-    if params["map"] == "cam":
-        _, patches = scorer.classify_with_map(*scorer.preprocess(unit, "0,1"))
-        grid, mode = patches[:, index, None].float(), InterpolationMode.BILINEAR
-    else:  # each cell is hidden as a whole: shown as blocks
-        grid = scorer.occlusion_map(unit, index, params["cells"]).float()
-        mode = InterpolationMode.NEAREST
-    grid = grid.nan_to_num(1.0).clamp(0, 1)
+    grid = region_grid(scorer, unit, index, params["map"], params["cells"]).clamp(0, 1)
+    mode = REGION_MAP_MODES[params["map"]]
     return OverlayMap(TF.resize(grid, size, interpolation=mode)[0, 0].cpu(), worst)
 
 

@@ -10,11 +10,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.transforms import InterpolationMode
 
 from .levels import cumulative_scores, mark_unverifiable
 from .preprocess import DataConfig, Preprocess, resized_size, to_unit_range
 
-__all__ = ["COMPILE_BUCKETS", "VARIANT_CHUNK", "NSFWScorer", "score_in_chunks"]
+__all__ = [
+    "COMPILE_BUCKETS",
+    "REGION_MAP_MODES",
+    "VARIANT_CHUNK",
+    "NSFWScorer",
+    "region_grid",
+    "score_in_chunks",
+]
 
 COMPILE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 """The batch sizes the classifier is compiled for: a batch runs padded to the next one, and a
@@ -187,10 +195,10 @@ class NSFWScorer(nn.Module):
             drops = (base - blocks_hidden).view(batch, 1, cells - 1, cells - 1)
             best_block = F.max_pool2d(F.pad(drops, [1, 1, 1, 1], value=-1.0), 2, stride=1)
         gain = (shown - blank).view(batch, 1, cells, cells)
-        single = OCCLUSION_WEIGHTS[0] * single + OCCLUSION_WEIGHTS[1] * best_block
-        single = single + OCCLUSION_WEIGHTS[2] * gain
-        nan = torch.full_like(single, float("nan"))
-        return torch.where(unverifiable[:, None, None, None], nan, single)
+        hidden_weight, block_weight, shown_weight = OCCLUSION_WEIGHTS
+        value = hidden_weight * single + block_weight * best_block + shown_weight * gain
+        nan = torch.full_like(value, float("nan"))
+        return torch.where(unverifiable[:, None, None, None], nan, value)
 
 
 OCCLUSION_WEIGHTS = (0.45, 0.45, 0.1)
@@ -199,6 +207,37 @@ drop from hiding a 2 x 2 block covering it, and the gain from showing it alone."
 VARIANT_CHUNK = 32
 """Images scored per forward where one image becomes many (occlusion variants, region
 candidates): bounds the activations' memory, whatever the batch."""
+
+
+REGION_MAP_MODES = {"cam": InterpolationMode.BILINEAR, "occlusion": InterpolationMode.NEAREST}
+"""How each region map is stretched over its image: the patch map smoothly, the occlusion map's
+cells as blocks (each was hidden whole)."""
+
+
+def region_grid(
+    scorer: nn.Module,
+    images: Tensor,
+    level: int,
+    map: str = "occlusion",
+    cells: int = 4,
+    value_range: str = "0,1",
+) -> Tensor:
+    """``[B, 1, h, w]`` float32: the region map ``map`` (``"occlusion"``: see
+    :meth:`NSFWScorer.occlusion_map`, ``cells x cells``; ``"cam"``: each patch's score, see
+    :meth:`NSFWScorer.classify_with_map`) of ``images`` at ``level`` (an index), 1 (the worst
+    case) where an image cannot be scored. Stretch it over the image with
+    :data:`REGION_MAP_MODES`.
+
+    Example:
+        >>> region_grid(detector.scorer, torch.rand(2, 3, 64, 64), 2, cells=3).shape
+        torch.Size([2, 1, 3, 3])
+    """
+    if map == "cam":
+        _, patches = scorer.classify_with_map(*scorer.preprocess(images, value_range))
+        grid = patches[:, level, None]
+    else:
+        grid = scorer.occlusion_map(images, level, cells, value_range)
+    return grid.float().nan_to_num(1.0)
 
 
 def score_in_chunks(scorer: nn.Module, images: Tensor, value_range: str = "auto") -> Tensor:
