@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,19 @@ def _bright_square(path) -> None:
     Image.fromarray(pixels).save(path)
 
 
+def bright_square_records(tmp_path) -> tuple[Path, Path, Path]:
+    """``square.png`` (:func:`_bright_square`), a record file flagging it "high", and a
+    brightness checkpoint that flags it: ``(square, results, model folder)``."""
+    from .conftest import make_brightness_checkpoint
+
+    square = tmp_path / "square.png"
+    _bright_square(square)
+    results = tmp_path / "results.jsonl"
+    with RecordFile(results) as file:
+        file.write([record(str(square), "high", 0.9)])
+    return square, results, make_brightness_checkpoint(tmp_path / "bright", -1.2)
+
+
 def test_region_maps_only_with_a_model_only_of_recorded_images(tmp_path):
     """/map/N: the record's map (hot on the bright square that flags it, for the brightness
     checkpoint), 404 without a model, for a record that is not there or a file changed since
@@ -157,19 +171,12 @@ def test_region_maps_only_with_a_model_only_of_recorded_images(tmp_path):
 
     from nsfw_guard import NSFWDetector
 
-    from .conftest import make_brightness_checkpoint
-
-    square = tmp_path / "square.png"
-    _bright_square(square)
-    results = tmp_path / "results.jsonl"
-    with RecordFile(results) as file:
-        file.write([record(str(square), "high", 0.9)])
+    square, results, folder = bright_square_records(tmp_path)
     without = TestClient(create_app(results))
     assert without.get("/api/records").json()["maps"] is False
     refused = without.get("/map/0")
     assert refused.status_code == 404 and "--model" in refused.json()["error"]["message"]
 
-    folder = make_brightness_checkpoint(tmp_path / "bright", -1.2)
     scorer = NSFWDetector.from_pretrained(folder, device="cpu", dtype=torch.float32).scorer
     client = TestClient(create_app(results, scorer=scorer))
     assert client.get("/api/records").json()["maps"] is True
@@ -205,14 +212,7 @@ def test_region_maps_take_the_map_and_cells_given(tmp_path, capsys):
     from nsfw_guard import NSFWDetector
     from nsfw_guard.cli import EXIT_USAGE, main
 
-    from .conftest import make_brightness_checkpoint
-
-    square = tmp_path / "square.png"
-    _bright_square(square)
-    results = tmp_path / "results.jsonl"
-    with RecordFile(results) as file:
-        file.write([record(str(square), "high", 0.9)])
-    folder = make_brightness_checkpoint(tmp_path / "bright", -1.2)
+    _, results, folder = bright_square_records(tmp_path)
     scorer = NSFWDetector.from_pretrained(folder, device="cpu", dtype=torch.float32).scorer
     client = TestClient(create_app(results, scorer=scorer, region_params={"cells": 2}))
     with Image.open(io.BytesIO(client.get("/map/0").content)) as overlay:

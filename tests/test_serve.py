@@ -757,17 +757,9 @@ def start_review(results: Path, *options: str) -> tuple[subprocess.Popen, str]:
 def test_the_review_page_toggles_the_region_map_with_a_model(browser, tmp_path):
     """``review --model``: ``m`` (or the card's map button) draws the record's map over its
     blurred thumbnail, box for box, hot on the bright square that flags it; again hides it."""
-    from nsfw_guard.records import RecordFile
+    from .test_review import bright_square_records
 
-    from .conftest import make_brightness_checkpoint
-    from .test_review import _bright_square, record
-
-    square = tmp_path / "square.png"
-    _bright_square(square)
-    results = tmp_path / "results.jsonl"
-    with RecordFile(results) as file:
-        file.write([record(str(square), "high", 0.9)])
-    model = make_brightness_checkpoint(tmp_path / "bright", -1.2)
+    _, results, model = bright_square_records(tmp_path)
     process, address = start_review(results, "--model", str(model), "--device", "cpu")
     try:
         page = browser.new_page(viewport={"width": 1100, "height": 700})
