@@ -118,6 +118,23 @@ def test_gpu_scores_equal_cpu_scores(sharp_checkpoint, rgb_photos):
     assert float(difference.max()) < 2e-3
 
 
+def test_onnxruntime_on_the_gpu_scores_as_eager_and_in_place(sharp_checkpoint, tmp_path):
+    """ONNX Runtime's CUDA provider reads CUDA pixels in place and gives CUDA scores."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    from nsfw_guard.export import export_onnx
+    from nsfw_guard.onnx_backend import OnnxScorer
+
+    loaded = load_model(sharp_checkpoint, device="cpu", dtype=torch.float32)
+    eager = NSFWScorer(loaded.model, loaded.data_config, compile=False)
+    path = export_onnx(eager, tmp_path / "nsfw.onnx")
+    images = torch.rand(5, 3, 301, 517) * 2 - 1
+    scores = OnnxScorer(path, device=CUDA)(images.to(CUDA), "-1,1")
+    assert scores.device.type == "cuda"
+    assert float((scores.cpu() - eager(images, "-1,1")).abs().max()) <= 2e-3
+
+
 def test_scan_on_the_gpu_gives_the_cpus_records(sharp_checkpoint, tmp_path):
     records = {}
     for device in ("cpu", "cuda"):

@@ -18,6 +18,7 @@ from nsfw_guard import NSFWDetector
 from nsfw_guard.cli import EXIT_ERROR, EXIT_USAGE, main
 from nsfw_guard.export import ExportError, ScoreGraph, _check_parity, read_metadata
 from nsfw_guard.model import load_model
+from nsfw_guard.onnx_backend import OnnxScorer
 from nsfw_guard.scoring import NSFWScorer
 from nsfw_guard.testing import make_checkpoint
 
@@ -104,6 +105,8 @@ def test_a_uint8_graph_takes_bytes(sharp_checkpoint, tmp_path, rgb_photos):
     (scores,) = session.run(None, {"images": photo.numpy()})
     expected = NSFWScorer(loaded.model, loaded.data_config)(photo.float(), "0,255")
     assert np.abs(scores - expected.numpy()).max() <= GRAPH_TOLERANCE
+    # The backend hands ONNX Runtime the bytes in place (an I/O binding of uint8 memory).
+    assert (OnnxScorer(path)(photo) - expected).abs().max() <= BACKEND_TOLERANCE
 
 
 def test_the_onnxruntime_backend_gives_the_detectors_verdicts(exported, detector, photos):
