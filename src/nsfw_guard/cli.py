@@ -226,10 +226,7 @@ def _parser() -> argparse.ArgumentParser:
         help="default: blur",
     )
     _add_region_options(serve)
-    serve.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})"
-    )
-    serve.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    _add_checkpoint(serve)
     serve.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto"
     )
@@ -334,10 +331,7 @@ def _parser() -> argparse.ArgumentParser:
         help="what the graph takes: float32 in this range (-1,1: what diffusers' VAE decodes) "
         "or uint8 (default: -1,1)",
     )
-    export.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})"
-    )
-    export.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    _add_checkpoint(export)
     export.add_argument(
         "--precision",
         default="float16",
@@ -552,6 +546,13 @@ def _add_allowed_hosts(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--level",
@@ -562,10 +563,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold", type=float, default=0.5, help="score needed to reach a level (default: 0.5)"
     )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL})"
-    )
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    _add_checkpoint(parser)
     parser.add_argument(
         "--device", default="auto", help="auto, cpu, cuda, cuda:1, … (default: auto)"
     )
