@@ -536,16 +536,18 @@ def test_region_candidates_are_the_top_cells_nested_smallest_first():
     from nsfw_guard.check import _top_cells, region_sizes
 
     ranking = torch.tensor([[0.1, 0.9, -0.2], [0.5, 0.0, 0.3], [0.2, 0.6, 0.0]]).view(1, 1, 3, 3)
-    nan = ranking.clone()
-    nan[0, 0, 2, 2] = float("nan")  # cannot be scored: ranks first
+    worst = ranking.clone()
+    worst[0, 0, 2, 2] = 1.0  # what region_grid gives where an image cannot be scored
+    tied = torch.ones_like(ranking)
     sizes = region_sizes(3)
     assert sizes == [1, 2, 3, 4, 6]
-    top = _top_cells(torch.cat([ranking, nan]), sizes)
-    assert top.shape == (2, 5, 1, 3, 3)
-    assert top.flatten(2).sum(dim=2).tolist() == [sizes, sizes]
+    top = _top_cells(torch.cat([ranking, worst, tied]), sizes)
+    assert top.shape == (3, 5, 1, 3, 3)
+    assert top.flatten(2).sum(dim=2).tolist() == [sizes] * 3
     assert torch.equal(top[0, 0, 0], ranking[0, 0] == 0.9)
     assert torch.equal(top[0, 2, 0], ranking[0, 0] >= 0.5)  # 0.9, 0.6, 0.5
     assert bool(top[1, 0, 0, 2, 2]) and bool(top[1, 1, 0, 0, 1])
+    assert top[2, 2, 0].flatten().tolist() == [True] * 3 + [False] * 6  # ties: grid order
     assert (top[:, 1:] >= top[:, :-1]).all()  # each set holds the one before it
 
 

@@ -21,7 +21,7 @@ from . import censor
 from .inputs import parse_value_range
 from .levels import NSFWLevel, check_threshold, levels_from_scores, parse_check_level
 from .preprocess import to_unit_range, unit_affine
-from .scoring import NSFWScorer, score_in_chunks
+from .scoring import NSFWScorer, region_grid, score_in_chunks
 
 __all__ = [
     "FLAGGED_RANGES",
@@ -241,13 +241,12 @@ class CheckStep(nn.Module):
         base_params = {name: params[name] for name in ("radius", "block_size") if name in params}
         whole = censor.apply(unit, verifiable, base, **base_params)
         level = self.level.index
+        # Where an image cannot be scored its map is 1 everywhere; it is censored whole below.
+        grid = region_grid(self.scorer, unit, level, params["map"], params["cells"])
         if params["map"] == "cam":
-            pixels, ok = self.scorer.preprocess(unit, "0,1")
-            _, patch_scores = self.scorer.classify_with_map(pixels, ok)
-            candidates = (patch_scores[:, level, None] >= self.threshold)[:, None]
+            candidates = (grid >= self.threshold)[:, None]
         else:
-            ranking = self.scorer.occlusion_map(unit, level, params["cells"])
-            candidates = _top_cells(ranking, region_sizes(params["cells"]))
+            candidates = _top_cells(grid, region_sizes(params["cells"]))
         batch, count = candidates.shape[:2]
         alpha = censor.region_alpha(
             candidates.flatten(0, 1).float(),
@@ -291,10 +290,9 @@ def region_sizes(cells: int) -> list[int]:
 
 def _top_cells(ranking: Tensor, sizes: list[int]) -> Tensor:
     """``[B, len(sizes), 1, n, n]`` bool: each image's ``size`` highest cells of ``ranking``
-    (``[B, 1, n, n]``; NaN ranks first), for each size. In-graph: a sort, no host sync."""
+    (``[B, 1, n, n]``; ties in grid order), for each size. In-graph: a sort, no host sync."""
     batch, _, rows, columns = ranking.shape
-    flat = ranking.flatten(1).nan_to_num(nan=float("inf"))
-    rank = flat.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    rank = ranking.flatten(1).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
     top = torch.stack([rank < size for size in sizes], dim=1)
     return top.view(batch, len(sizes), 1, rows, columns)
 
