@@ -1,8 +1,8 @@
 """Guarded diffusers pipelines, one of each family, built tiny and offline: with a checkpoint forced
 to "high" every returned image is censored, with one forced to "neutral" every output is
 bit-identical to the unguarded one, for output types pil, np and pt; latents warn every time.
-Pixel-space pipelines (DeepFloyd IF, DDPM) have no latents: what they return for "latent" is
-images, and those are checked too."""
+Pixel-space pipelines (DeepFloyd IF, DDPM, PRXPixel) have no latents: what they return for
+"latent" is images, and those are checked too."""
 
 import warnings
 
@@ -73,8 +73,10 @@ def test_every_image_is_censored_or_left_bit_identical(built, level_checkpoints)
             images = _images(output)
             pixels = _pixels(images)
             assert pixels.shape == baselines[output_type].shape, (kind, output_type)
-            # Blank is black in the output's own range: IF's and Kandinsky's "pt" is [-1, 1].
-            black = -1.0 if output_type == "pt" and support.pt_value_range == "-1,1" else 0.0
+            # Blank is black in the output's own range: IF's and Kandinsky's "pt" is [-1, 1], as
+            # are PRXPixel's "pt" and "latent".
+            raw = isinstance(images, torch.Tensor) and support.pt_value_range == "-1,1"
+            black = -1.0 if raw else 0.0
             assert (pixels == black).all(), (kind, output_type)
             assert len(g.last) == _count(images) and all(r.flagged for r in g.last)
             for name in NSFW_FIELDS:

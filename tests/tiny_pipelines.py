@@ -7,11 +7,13 @@ of a second on a CPU. ``sd``, ``sd-img2img`` and ``sdxl`` are
 components. The T5 kinds (IF, SD3, Flux, PixArt) put its offline CLIP tokenizer in front of a tiny
 ``T5EncoderModel``: their pipelines only need token ids from it. ``kandinsky22`` is a pipeline
 with neither a safety checker nor an image processor; ``sd-image-variation`` one that frees its
-model hooks before it postprocesses.
+model hooks before it postprocesses; ``prx-pixel`` one with no VAE, whose "latent" and "pt"
+outputs are its images in [-1, 1].
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,16 @@ def _inpaint_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
 def _sd(folder: Path) -> tuple[DiffusionPipeline, dict]:
     """Text to image."""
     return make_tiny_pipeline("sd", folder), _TWO_IMAGES
+
+
+def _sd_safe(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Safe Latent Diffusion: the ``sd`` components, and a ``run_safety_checker`` that takes one
+    more argument and returns the unsafe images too."""
+    components = make_tiny_pipeline("sd", folder).components
+    names = inspect.signature(diffusers.StableDiffusionPipelineSafe.__init__).parameters
+    components = {name: value for name, value in components.items() if name in names}
+    pipe = diffusers.StableDiffusionPipelineSafe(**components, requires_safety_checker=False)
+    return pipe, _TWO_IMAGES
 
 
 def _sd_img2img(folder: Path) -> tuple[DiffusionPipeline, dict]:
@@ -442,6 +454,35 @@ def _ddpm(folder: Path) -> tuple[DiffusionPipeline, dict]:
     return pipe, {"batch_size": 2, "num_inference_steps": 2}
 
 
+def _prx_pixel(folder: Path) -> tuple[DiffusionPipeline, dict]:
+    """Pixel-space flow matching with no VAE: "latent" and "pt" are its images in [-1, 1]."""
+    transformer = diffusers.PRXTransformer2DModel(
+        in_channels=3,
+        patch_size=2,
+        context_in_dim=8,
+        hidden_size=16,
+        mlp_ratio=1.0,
+        num_heads=2,
+        depth=1,
+        axes_dim=[4, 4],
+    ).eval()
+    pipe = diffusers.PRXPixelPipeline(
+        transformer=transformer,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        text_encoder=None,
+        tokenizer=None,
+        default_sample_size=64,
+    )
+    inputs = {
+        "prompt_embeds": torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0)),
+        "guidance_scale": 1.0,
+        "height": 64,
+        "width": 64,
+        "use_resolution_binning": False,
+    }
+    return pipe, {**inputs, "num_images_per_prompt": 2, "num_inference_steps": 2}
+
+
 def _kandinsky22(folder: Path) -> tuple[DiffusionPipeline, dict]:
     """Kandinsky 2.2's decoder: image embeddings in, a MoVQ decoder out, no image processor."""
     unet = UNet2DConditionModel(
@@ -511,6 +552,7 @@ def _sd_image_variation(folder: Path) -> tuple[DiffusionPipeline, dict]:
 
 _BUILDERS: dict[str, Callable[[Path], tuple[DiffusionPipeline, dict]]] = {
     "sd": _sd,
+    "sd-safe": _sd_safe,
     "sd-img2img": _sd_img2img,
     "sd-inpaint": _sd_inpaint,
     "sd-upscale": _sd_upscale,
@@ -526,11 +568,16 @@ _BUILDERS: dict[str, Callable[[Path], tuple[DiffusionPipeline, dict]]] = {
     "pixart": _pixart,
     "video": _video,
     "ddpm": _ddpm,
+    "prx-pixel": _prx_pixel,
     "kandinsky22": _kandinsky22,
     "sd-image-variation": _sd_image_variation,
 }
 KINDS: tuple[str, ...] = tuple(_BUILDERS)
-_NEWER = {"wan": "WanPipeline", "flux-kontext": "FluxKontextPipeline"}
+_NEWER = {
+    "wan": "WanPipeline",
+    "flux-kontext": "FluxKontextPipeline",
+    "prx-pixel": "PRXPixelPipeline",
+}
 """Kinds whose pipeline came after the lowest diffusers that pyproject.toml allows (0.32)."""
 
 

@@ -103,14 +103,16 @@ def pipeline_support(cls: type[DiffusionPipeline]) -> PipelineSupport:
         call_signature = inspect.signature(call)
     except (TypeError, ValueError):
         call_signature = None
+    decodes = _decodes_latents(cls)
     return PipelineSupport(
         refused=_refusal(fields),
         checker_values=checker_values,
         checker_slot=checker_values == 2 and _has_checker_slot(cls),
         output_fields=fields,
-        pt_value_range="-1,1" if call_tree is not None and _raw_pt_output(call_tree) else "auto",
+        pt_value_range="-1,1" if _raw_pt_output(call_tree, decodes) else "auto",
         # Without its source, "latent" is taken at its word (the output is not images).
-        latent_output=call_tree is None or _compares_with(call_tree, "output_type", "latent"),
+        latent_output=call_tree is None
+        or (decodes and _compares_with(call_tree, "output_type", "latent")),
         call_signature=call_signature,
         interruptible=call_tree is not None
         and _reads(call_tree, "self", "interrupt")
@@ -203,13 +205,34 @@ def _compares_with(tree: ast.AST, name: str, value: str) -> bool:
     return False
 
 
-def _raw_pt_output(tree: ast.AST) -> bool:
-    """Whether the source maps [-1, 1] images to [0, 1] (``x / 2 + 0.5``, ``x * 0.5 + 0.5``) only
-    under an ``if output_type ...`` that leaves "pt" out, so "pt" images stay in [-1, 1]."""
+def _decodes_latents(cls: type[DiffusionPipeline]) -> bool:
+    """Whether ``cls`` has a component that decodes latents into images (a VAE, MoVQ, VQ-GAN,
+    Shap-E's renderer...), by its components' names; ``True`` where they are not known. A
+    pixel-space pipeline (PRXPixel) returns its images, in [-1, 1], for "latent"."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return True
+    return any(part in p.name for p in parameters for part in _DECODER_NAMES)
+
+
+_DECODER_NAMES = ("vae", "movq", "vq", "decoder", "renderer")
+
+
+def _raw_pt_output(tree: ast.AST | None, decodes_latents: bool) -> bool:
+    """Whether "pt" images stay in [-1, 1]: the source maps [-1, 1] images to [0, 1]
+    (``x / 2 + 0.5``, ``x * 0.5 + 0.5``) only under an ``if output_type ...`` that leaves "pt"
+    out, or, with no latents to decode, returns the same as for "latent" for "pt"."""
+    if tree is None:
+        return False
     for node in ast.walk(tree):
         if isinstance(node, ast.If):
-            selected = _selected_output_types(node.test)
+            selected = _selected_output_types(node.test) or set()
             if selected and "pt" not in selected and any(map(_is_denormalize, ast.walk(node))):
+                return True
+            if not decodes_latents and {"latent", "pt"} <= selected:
                 return True
     return False
 

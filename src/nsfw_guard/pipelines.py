@@ -911,10 +911,14 @@ def _guarded_call(call: Callable) -> Callable:
 
 def _guarded_run_safety_checker(run_safety_checker: Callable, values: int) -> Callable:
     @functools.wraps(run_safety_checker)
-    def guarded(self: DiffusionPipeline, image: Any, device: Any = None, dtype: Any = None):
+    def guarded(
+        self: DiffusionPipeline, image: Any, device: Any = None, dtype: Any = None, *args, **kwargs
+    ):
         own = _own_guard(self)
         if own is None:
-            return run_safety_checker(self, image, device, dtype)
+            return run_safety_checker(self, image, device, dtype, *args, **kwargs)
+        # Further arguments (StableDiffusionPipelineSafe's enable_safety_guidance) ask nothing
+        # of the check.
         return own._run_safety_checker(image, device, values)
 
     return guarded
