@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import PipelineCallback
 from PIL import Image
 
 from nsfw_guard import GuardError, GuardWarning, guard, unguard
@@ -114,6 +115,43 @@ def test_tuple_outputs_are_checked_in_place(kind, output_type, level_checkpoints
     assert (_pixels(output[0]) == black).all() and len(g.last) == _count(output[0])
     if kind == "if":
         assert output[1] == [True] * _count(output[0]) and output[2] is None
+
+
+class _Preview(PipelineCallback):
+    """A step callback showing previews through the pipeline's own image processor (after its VAE
+    where it has one): a common recipe, checked by the guard on the way."""
+
+    tensor_inputs = ("latents",)
+
+    def callback_fn(self, pipe, step, timestep, callback_kwargs):
+        pixels = callback_kwargs["latents"]
+        if getattr(pipe, "vae", None) is not None:
+            pixels = pipe.vae.decode(pixels / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        self.shown = [*getattr(self, "shown", []), *pipe.image_processor.postprocess(pixels)]
+        return callback_kwargs
+
+
+@pytest.mark.parametrize("form", ["function", "PipelineCallback"])
+def test_what_a_step_callback_checks_is_not_the_calls_output(form, level_checkpoints, tmp_path):
+    """Previews a callback makes through the guarded image processor come out censored, and do not
+    count as the call's images: PRXPixel's "pt" images, checked only on their way out, are still
+    censored, and SDXL's latents still warn."""
+    high = level_checkpoints["high"]
+    for kind, output_type in (("prx-pixel", "pt"), ("sdxl", "latent")):
+        pipe, inputs = make_pipeline(kind, tmp_path / kind)
+        g = guard(pipe, model=high, action="blank")
+        preview = _Preview()
+        callback = preview if form == "PipelineCallback" else preview.callback_fn
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = _call(pipe, inputs, output_type, callback_on_step_end=callback)
+        assert len(preview.shown) == 2 * inputs["num_inference_steps"]
+        assert not any(np.asarray(image).any() for image in preview.shown)  # blanked
+        said = [str(w.message) for w in caught if issubclass(w.category, GuardWarning)]
+        if output_type == "latent":
+            assert g.last == [] and any("returned latents" in message for message in said)
+        else:
+            assert (_pixels(_images(output)) == -1.0).all() and len(g.last) == 2
 
 
 class _CustomPipeline(DiffusionPipeline):

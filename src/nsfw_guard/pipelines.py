@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from diffusers import AutoencoderTiny, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -102,13 +103,51 @@ class GuardResult:
 
 
 class _Call:
-    """One guarded pipeline call in progress: the results of the images checked so far, and
-    its checks while denoising."""
+    """One guarded pipeline call in progress: the results of the images checked so far, its
+    checks while denoising, and how many of the caller's step callbacks are running (what they
+    check, previews, is censored but is not the call's output)."""
 
     def __init__(self, guard: Guard):
         self.guard = guard
         self.results: list[GuardResult] = []
         self.denoising: _Denoising | None = None
+        self.callbacks_running = 0
+
+    def mark(self, callback: Any) -> Any:
+        """``callback`` (a step callback the caller passed) telling this call while it runs."""
+        if isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
+            return _MarkedCallbacks(callback, self)  # diffusers reads their tensor_inputs
+
+        @functools.wraps(callback)
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            self.callbacks_running += 1
+            try:
+                return callback(*args, **kwargs)
+            finally:
+                self.callbacks_running -= 1
+
+        return marked
+
+
+class _MarkedCallbacks(MultiPipelineCallbacks):
+    """A ``PipelineCallback`` (or several) that tells the call it runs in, as
+    :meth:`_Call.mark` does for functions."""
+
+    def __init__(self, callback: PipelineCallback | MultiPipelineCallbacks, state: _Call):
+        super().__init__([callback])
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.state.callbacks_running += 1
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self.state.callbacks_running -= 1
+
+
+_STEP_CALLBACKS = ("callback_on_step_end", "callback")
+"""The arguments through which a caller runs code during denoising (``callback``: the older
+one, ``callback(step, timestep, latents)``)."""
 
 
 _ACTIVE_CALL: ContextVar[_Call | None] = ContextVar("nsfw_guard_active_call", default=None)
@@ -271,7 +310,8 @@ class Guard:
             ):
                 state.denoising = _Denoising.attach(self)
             try:
-                output = call(self.pipe, *args, **kwargs)
+                marked_args, marked_kwargs = self._mark_callbacks(args, kwargs, state)
+                output = call(self.pipe, *marked_args, **marked_kwargs)
             finally:
                 if state.denoising is not None:
                     state.denoising.detach()
@@ -283,6 +323,24 @@ class Guard:
             _ACTIVE_CALL.reset(token)
         self.last = state.results
         return output
+
+    def _mark_callbacks(self, args: tuple, kwargs: dict, state: _Call) -> tuple[tuple, dict]:
+        """The call's arguments with each step callback marked (see :meth:`_Call.mark`), given
+        by name or by position."""
+        kwargs = dict(kwargs)
+        for name in _STEP_CALLBACKS:
+            if callable(kwargs.get(name)):
+                kwargs[name] = state.mark(kwargs[name])
+        signature = self.support.call_signature
+        if signature is None or not args:
+            return args, kwargs
+        args = list(args)
+        for index, parameter in enumerate(list(signature.parameters.values())[1 : len(args) + 1]):
+            if parameter.kind is not parameter.POSITIONAL_OR_KEYWORD:
+                break
+            if parameter.name in _STEP_CALLBACKS and callable(args[index]):
+                args[index] = state.mark(args[index])
+        return tuple(args), kwargs
 
     def _denoising_refusal(self) -> str | None:
         """Why the pipeline cannot be checked while denoising, in a few words; ``None``: it can."""
@@ -364,7 +422,8 @@ class Guard:
     def _record(self, results: list[GuardResult]) -> None:
         state = _ACTIVE_CALL.get()
         if state is not None and state.guard is self:
-            state.results.extend(results)
+            if not state.callbacks_running:  # a callback's previews are not the call's images
+                state.results.extend(results)
         else:  # checked outside a pipeline call (its processor called directly)
             self.last = results
 
