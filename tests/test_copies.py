@@ -1,15 +1,25 @@
 """``save_censored``: a censored image in its own format where Pillow can write RGB in it, else
-PNG (``serve``'s /v1/censor answers and ``scan --censor-to`` copies both come from it)."""
+PNG (``serve``'s /v1/censor answers and ``scan --censor-to`` copies both come from it); the
+manifest of the copies ``scan --censor-to`` wrote, through a full disk and kills."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import re
+import resource
+import signal
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import ExifTags, Image
 
 from nsfw_guard.check import CheckStep
-from nsfw_guard.copies import save_censored
+from nsfw_guard.cli import main
+from nsfw_guard.copies import MANIFEST_NAME, CopyFolder, save_censored
 from nsfw_guard.verdict_metadata import VERDICT_FORMATS, make_verdict, read_verdict
 
 VERDICT = make_verdict(
@@ -90,3 +100,116 @@ def test_a_verdict_that_is_not_valid_is_refused_before_anything_is_written(blank
     with pytest.raises(ValueError, match="level: 'extreme' is not one of"):
         save_censored(original.getvalue(), target, blank, {**VERDICT, "level": "extreme"})
     assert target.getvalue() == b""
+
+
+# The manifest of copies -------------------------------------------------------------------------
+
+
+def _manifest_lines(folder: CopyFolder) -> list[dict]:
+    """The manifest's lines, each of which must be whole."""
+    data = folder.manifest.read_bytes()
+    assert data.endswith(b"\n")
+    return [json.loads(line) for line in data.splitlines()]
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int) -> Iterator[None]:
+    """No file of this process may grow past ``limit`` bytes, as on a full disk: a write is cut
+    short there, or fails with EFBIG (SIGXFSZ ignored, as Python does by default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("room", [10, 0], ids=["cut-short", "not-written"])
+def test_a_manifest_line_the_disk_has_no_room_for_fails_that_copy_alone(tmp_path, room):
+    """The line is cut short (``room`` bytes fit) or not written at all: its copy fails and is
+    not renamed in, the manifest is left as it was, the next copy's line is whole and the failed
+    copy can be written again."""
+    out = tmp_path / "out"
+    folder = CopyFolder(out)
+    folder.write_bytes(Path("old.png"), b"an earlier copy")
+    before = folder.manifest.read_bytes()
+    with _file_size_limit(len(before) + room), pytest.raises(OSError) as failed:
+        folder.write_bytes(Path("a.png"), b"a")
+    assert folder.manifest.read_bytes() == before
+    expected = f"only {room} of [0-9]+ bytes of a line could be appended" if room else "too large"
+    assert re.search(expected, str(failed.value))
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "old.png"]
+    folder.write_bytes(Path("b.png"), b"b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unreadable line
+        folder = CopyFolder(out)
+    assert [line["path"] for line in _manifest_lines(folder)] == ["old.png", "b.png"]
+    assert folder.kind(out / "b.png") == folder.kind(out / "old.png") == "clean"
+    folder.write_bytes(Path("a.png"), b"a")  # tried again, with room
+    assert CopyFolder(out).kind(out / "a.png") == "clean"
+
+
+def test_a_line_cut_by_a_kill_never_swallows_the_next_one(tmp_path):
+    out = tmp_path / "out"
+    CopyFolder(out).write_bytes(Path("a.png"), b"a")
+    with out.joinpath(MANIFEST_NAME).open("a") as manifest:
+        manifest.write('{"path": "b.png", "si')  # a kill while b.png's line was appended
+    with pytest.warns(UserWarning, match="1 unreadable line"):
+        folder = CopyFolder(out)
+    folder.write_bytes(Path("c.png"), b"c")
+    lines = out.joinpath(MANIFEST_NAME).read_text().splitlines()
+    assert lines[1] == '{"path": "b.png", "si' and json.loads(lines[2])["path"] == "c.png"
+    with pytest.warns(UserWarning, match="1 unreadable line"):
+        folder = CopyFolder(out)
+    assert folder.kind(out / "a.png") == folder.kind(out / "c.png") == "clean"
+
+
+def test_a_whole_line_appended_to_a_cut_one_is_still_read(tmp_path):
+    """What nsfw-guard left before it ended cut lines: a line cut short by a full disk, the
+    next copy's line appended to it."""
+    out = tmp_path / "out"
+    folder = CopyFolder(out)
+    folder.write_bytes(Path("a.png"), b"a")
+    folder.write_bytes(Path("b.png"), b"b")
+    first, second = out.joinpath(MANIFEST_NAME).read_text().splitlines(keepends=True)
+    out.joinpath(MANIFEST_NAME).write_text(first + '{"path": "' + second)
+    with pytest.warns(UserWarning, match="1 unreadable line"):
+        folder = CopyFolder(out)
+    assert folder.kind(out / "a.png") == folder.kind(out / "b.png") == "clean"
+
+
+def _scan(*args) -> int:
+    """``nsfw-guard scan`` in this process, on the CPU; its exit code."""
+    try:
+        return main(["scan", "--device", "cpu", "--workers", "0", "--quiet", *map(str, args)])
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def test_resume_replaces_an_older_copy_after_a_kill_before_its_rename(level_checkpoints, tmp_path):
+    """Killed after the manifest listed a censored version of a clean copy and before that
+    version was renamed in: the clean copy is still nsfw-guard's, and --resume censors it."""
+    photos, out, output = tmp_path / "photos", tmp_path / "out", tmp_path / "r.jsonl"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16), (200, 0, 0)).save(photos / name)
+    args = [photos, "--output", output, "--censor-to", out]
+    assert _scan(*args, "--model", level_checkpoints["neutral"], "--copy-clean") == 0
+    clean = (out / "a.png").read_bytes()
+    # The state a kill leaves: the new version written and listed, never renamed in.
+    pending = out / ".nsfw-guard-killed.tmp"
+    pending.write_bytes(b"the censored version")
+    info = pending.stat()
+    line = {"path": "a.png", "size": info.st_size, "mtime_ns": info.st_mtime_ns, "censored": True}
+    with out.joinpath(MANIFEST_NAME).open("a") as manifest:
+        manifest.write(json.dumps(line) + "\n")
+    assert CopyFolder(out).kind(out / "a.png") == "clean"
+    assert _scan(*args, "--model", level_checkpoints["high"], "--resume") == 0
+    folder = CopyFolder(out)
+    for name in ("a.png", "b.png"):
+        assert folder.kind(out / name) == "censored"
+        assert read_verdict((out / name).read_bytes())["level"] == "high"
+    assert (out / "a.png").read_bytes() != clean
+    assert pending.read_bytes() == b"the censored version"  # never read, never removed

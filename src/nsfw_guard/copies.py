@@ -7,7 +7,10 @@ write: a target that exists and is not one of its copies is a conflict, found be
 and checked again before each copy. Nothing is written through a link: not the manifest, not a
 copy outside ``DIR``. Copies are written to a temporary file, listed in the manifest, then
 renamed into place, so a kill never leaves a half copy or a copy the manifest does not know (it
-can leave a hidden ``.nsfw-guard-*.tmp`` file, never read).
+can leave a hidden ``.nsfw-guard-*.tmp`` file, never read). Every version of a copy the
+manifest lists counts as this tool's, not only the last, so a kill between a new version's line
+and its rename leaves the older copy replaceable. A manifest line is appended whole or not at
+all (:func:`~nsfw_guard.appends.append_line`): a full disk fails that copy alone.
 
 Copies are made from the bytes that were decoded and checked (never by reading the file again):
 clean ones byte for byte, flagged ones censored frame by frame with the check step's action, in
@@ -32,6 +35,7 @@ from typing import Any, BinaryIO
 import torch
 from PIL import Image
 
+from .appends import append_line
 from .check import CheckStep
 from .decode import iter_frames
 from .inputs import to_image_batches
@@ -45,6 +49,11 @@ MANIFEST_NAME = ".nsfw-guard-copies.jsonl"
 
 class CopyConflict(ValueError):
     """A copy would replace a file this tool did not write (or two inputs one copy)."""
+
+
+_LINE_START = '{"path": '
+"""How every manifest line starts (``path`` is its first key); inside a line it occurs nowhere
+else, as JSON strings escape their quotes."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,9 @@ class CopyFolder:
             raise CopyConflict(f"--censor-to {self.folder}: {MANIFEST_NAME} is not a file")
         if self.manifest.is_symlink():
             raise CopyConflict(f"--censor-to {self.folder}: {MANIFEST_NAME} is a link")
-        self._entries = self._read_manifest()
+        # Every version of each copy the manifest lists: (size, mtime_ns) -> censored.
+        self._versions: dict[str, dict[tuple[int, int], bool]] = {}
+        self._read_manifest()
 
     def owns(self, path: str | os.PathLike) -> bool:
         """Whether ``path`` is a copy this tool wrote in this folder and nobody changed since."""
@@ -96,10 +107,10 @@ class CopyFolder:
             info = os.stat(path, follow_symlinks=False)
         except OSError:
             return None
-        entry = self._entries.get(relative)
-        if entry is None or (entry.size, entry.mtime_ns) != (info.st_size, info.st_mtime_ns):
+        censored = self._versions.get(relative, {}).get((info.st_size, info.st_mtime_ns))
+        if censored is None:
             return None
-        return "censored" if entry.censored else "clean"
+        return "censored" if censored else "clean"
 
     def check(self, inputs: Sequence[Any]) -> None:
         """Raise :class:`CopyConflict` (one line) if a copy of ``inputs`` (each with ``path``,
@@ -181,24 +192,29 @@ class CopyFolder:
         return Path(relative).as_posix()
 
     def _remember(self, relative: Path, entry: _Entry) -> None:
+        """List ``entry`` in the manifest (a whole line or, raising :class:`OSError`, none)."""
         key = relative.as_posix()
         line = {"path": key, "size": entry.size, "mtime_ns": entry.mtime_ns}
         line["censored"] = entry.censored
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        descriptor = os.open(self.manifest, flags, 0o644)
-        with open(descriptor, "a", encoding="utf-8", errors="surrogateescape") as file:
-            file.write(json.dumps(line) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        self._entries[key] = entry
+        append_line(self.manifest, (json.dumps(line) + "\n").encode())
+        self._add(key, entry)
 
-    def _read_manifest(self) -> dict[str, _Entry]:
-        entries: dict[str, _Entry] = {}
+    def _add(self, key: str, entry: _Entry) -> None:
+        self._versions.setdefault(key, {})[(entry.size, entry.mtime_ns)] = entry.censored
+
+    def _read_manifest(self) -> None:
+        """Read every version the manifest lists. A line that cannot be read (cut short by a
+        kill or a full disk) is ignored, with a warning; a whole line appended to a cut one (as
+        nsfw-guard did before it ended cut lines) is read."""
         if not self.manifest.is_file():
-            return entries
+            return
         bad = 0
         with self.manifest.open(encoding="utf-8", errors="surrogateescape") as file:
             for line in file:
+                start = line.rfind(_LINE_START)
+                if start > 0:  # a cut line, then a whole one
+                    bad += 1
+                    line = line[start:]
                 try:
                     item = json.loads(line)
                     key = str(item["path"])
@@ -207,16 +223,16 @@ class CopyFolder:
                     entry = _Entry(int(item["size"]), int(item["mtime_ns"]), item["censored"])
                     if not isinstance(entry.censored, bool):
                         raise TypeError("censored: not true or false")
-                    entries[key] = entry
                 except (ValueError, TypeError, KeyError):
                     bad += 1
+                    continue
+                self._add(key, entry)
         if bad:
             warnings.warn(
                 f"{self.manifest}: {bad} unreadable line(s) ignored; the copies they listed "
                 "count as files nsfw-guard did not write",
                 stacklevel=3,
             )
-        return entries
 
 
 def save_censored(
