@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from nsfw_guard.decode import DecodedImage, NotARegularFile, decode_file, decode_image, read_file
+from nsfw_guard.decode import (
+    DecodedImage,
+    NotARegularFile,
+    decode_file,
+    decode_image,
+    iter_frames,
+    read_file,
+)
 from nsfw_guard.inputs import ImageBatch, to_image_batches
 from nsfw_guard.preprocess import WHITE, composite_alpha, to_unit_range
 
@@ -337,6 +344,33 @@ def test_decompression_bombs_are_errors(side, tmp_path):
     assert path.stat().st_size < 50_000
     with pytest.raises(Image.DecompressionBombError, match=r"exceeds limit of \d+ pixels"):
         decode_file(path)
+
+
+def _tiny_frames_on_a_huge_canvas(side: int, count: int) -> bytes:
+    """A GIF of ``count`` 1x1 frames on a ``side x side`` canvas (a few bytes a frame), written by
+    hand: Pillow would store whole frames."""
+    gif = bytearray(b"GIF89a" + side.to_bytes(2, "little") * 2 + bytes([0xF0, 0, 0]))
+    gif += bytes([0, 0, 0, 255, 255, 255])  # two colours
+    for i in range(count):
+        gif += b"\x21\xf9\x04\x04\x01\x00\x00\x00"  # disposal: keep, 10 ms
+        left, top = (i % side).to_bytes(2, "little"), (i // side % side).to_bytes(2, "little")
+        gif += b"\x2c" + left + top + (1).to_bytes(2, "little") * 2 + b"\x00"
+        gif += bytes([2, 2, 0x44, 0x01, 0])  # one pixel, LZW-coded
+    return bytes(gif + b"\x3b")
+
+
+def test_a_small_file_of_many_frames_on_a_huge_canvas_is_a_bomb_too():
+    """Every frame is decoded whole: 4,000 frames of 6000x6000 (each under Pillow's limit) would
+    take a quarter of an hour. It is an error at once, whether decoded or streamed."""
+    data = _tiny_frames_on_a_huge_canvas(6000, 4000)
+    assert len(data) < 100_000 and Image.MAX_IMAGE_PIXELS > 6000 * 6000
+    message = r"4000 frames of 6000x6000 are 144000000000 pixels to decode, more than a file"
+    with pytest.raises(Image.DecompressionBombError, match=message):
+        decode_image(data, max_frames=4)
+    with pytest.raises(Image.DecompressionBombError, match=message):
+        next(iter_frames(data, [3999]))
+    image = decode_image(_tiny_frames_on_a_huge_canvas(600, 400), max_frames=2)
+    assert image.frame_count == 400 and (image.width, image.height) == (600, 600)
 
 
 def test_empty_truncated_and_non_image_files_raise(tmp_path):

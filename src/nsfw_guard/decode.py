@@ -8,9 +8,10 @@ again, so a file replaced while it is being scanned can never be copied unchecke
 - :func:`read_file` reads regular files only: FIFOs, sockets, devices and folders raise
   :class:`NotARegularFile` before a byte is read, and a FIFO never blocks. Links to files are
   followed; link loops and broken links raise the usual ``OSError``.
-- :func:`decode_image` treats an image over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``) as
-  an error, applies EXIF orientation to every frame, takes every frame or ``max_frames`` spread
-  evenly, and box-reduces very large frames (any mode) before they become tensors. With
+- :func:`decode_image` treats an image over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``), or
+  whose frames add up to over :data:`FILE_PIXELS_IN_FRAMES` times it, as an error, applies EXIF
+  orientation to every frame, takes every frame or ``max_frames`` spread evenly, and box-reduces
+  very large frames (any mode) before they become tensors. With
   ``frame_limit`` it decodes only the first of those frames and leaves the others ``later``, for
   :func:`decode_frames` to stream a chunk at a time (an animation's memory stays bounded).
 """
@@ -32,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .inputs import ImageBatch, to_image_batches
 
 __all__ = [
+    "FILE_PIXELS_IN_FRAMES",
     "DecodedImage",
     "NotARegularFile",
     "decode_file",
@@ -329,11 +331,32 @@ def iter_frames(data: bytes, indices: Sequence[int] | None = None) -> Iterator[I
 
 def _positions(image: Image.Image) -> list[int | tuple[int, ...]]:
     """Where the frames are: frame numbers, or for icons (ICO, ICNS) the sizes they hold,
-    each a picture of its own (a small one need not be the large one scaled down)."""
+    each a picture of its own (a small one need not be the large one scaled down).
+
+    Raises ``DecompressionBombError`` for a file whose frames hold more than
+    :data:`FILE_PIXELS_IN_FRAMES` times Pillow's pixel limit in all: each frame is decoded
+    whole, so a small file of many frames on a large canvas could take hours."""
     sizes = image.info.get("sizes") if image.format in ("ICO", "ICNS") else None
-    if sizes:
-        return sorted(sizes)
-    return list(range(getattr(image, "n_frames", 1)))
+    positions = sorted(sizes) if sizes else list(range(getattr(image, "n_frames", 1)))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None:
+        pixels = (
+            sum(math.prod(size[:2]) for size in positions)
+            if sizes
+            else len(positions) * image.width * image.height
+        )
+        if pixels > FILE_PIXELS_IN_FRAMES * limit:
+            raise Image.DecompressionBombError(
+                f"{len(positions)} frames of {image.width}x{image.height} are {pixels} pixels "
+                f"to decode, more than a file may hold: {FILE_PIXELS_IN_FRAMES} frames' worth "
+                f"of Pillow's pixel limit ({FILE_PIXELS_IN_FRAMES} x {limit})"
+            )
+    return positions
+
+
+FILE_PIXELS_IN_FRAMES = 20
+"""How many frames at Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``) one file's frames may add
+up to: 1.8 billion pixels by default (1,900 frames of 1280x720), seconds to decode."""
 
 
 def _frame_at(image: Image.Image, position: int | tuple[int, ...]) -> Image.Image:
