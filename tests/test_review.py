@@ -5,10 +5,12 @@ another host name or from another site, nothing is shown or decided."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +103,102 @@ def test_decisions_are_appended_read_back_and_exported(many):
     assert undecided["total"] == 9_999
     exported = again.get("/decisions.csv").text.splitlines()
     assert exported == [
-        "path,member,decision,time,level,flagged",
-        f"/data/00005.jpg,,approve,{json.loads(lines[1])['time']},low,False",
+        "path,member,decision,time,level,flagged,realpath",
+        f"/data/00005.jpg,,approve,{json.loads(lines[1])['time']},low,False,/data/00005.jpg",
     ]
+
+
+def _decided(client: TestClient) -> dict[int, str | None]:
+    """Each record's decision as the page shows it, by its number."""
+    records = client.get("/api/records", params={"limit": 500}).json()["records"]
+    return {shown["index"]: shown["decision"] for shown in records}
+
+
+def _exported(client: TestClient) -> list[tuple[str, str, str, str]]:
+    rows = csv.DictReader(io.StringIO(client.get("/decisions.csv").text, newline=""))
+    return [(row["path"], row["decision"], row["level"], row["realpath"]) for row in rows]
+
+
+def test_a_decision_is_about_the_file_version_the_reviewer_saw(tmp_path):
+    """Two scans from two folders (``scan .``) into one record file name two files img.png:
+    approving one leaves the other undecided, on the page, after a restart and in the export.
+    The file replaced and scanned again (as --resume does): its new content is undecided."""
+    beach, party = tmp_path / "beach" / "img.png", tmp_path / "party" / "img.png"
+    for photo, colour in ((beach, (0, 0, 255)), (party, (255, 0, 255))):
+        photo.parent.mkdir()
+        Image.new("RGB", (16, 16), colour).save(photo)
+    results = tmp_path / "results.jsonl"
+    rows = [
+        {**record(str(beach), "neutral", 0.1), "path": "img.png"},
+        {**record(str(party), "high", 0.9), "path": "img.png"},
+    ]
+    with RecordFile(results) as file:
+        file.write(rows)
+    client = TestClient(create_app(results))
+    assert client.post("/api/decisions", json={"index": 0, "decision": "approve"}).is_success
+    for review in (client, TestClient(create_app(results))):  # and after a restart
+        assert _decided(review) == {0: "approve", 1: None}
+        assert review.get("/api/records", params={"level": "undecided"}).json()["total"] == 1
+        assert _exported(review) == [("img.png", "approve", "neutral", rows[0]["realpath"])]
+
+    Image.new("RGB", (24, 24), (255, 0, 255)).save(beach)  # replaced, then scanned again
+    with RecordFile(results) as file:
+        file.write([{**record(str(beach), "high", 0.9), "path": "img.png"}, rows[1]])
+    rescanned = TestClient(create_app(results))
+    assert _decided(rescanned) == {0: None, 1: None}
+    assert rescanned.get("/api/records", params={"level": "undecided"}).json()["total"] == 2
+    assert _exported(rescanned) == []
+
+
+def test_decisions_from_before_they_named_the_version(tmp_path):
+    """A decisions file of path-only lines (written before decisions named the file's
+    version): a line applies to the one record with its path, when that file is older than
+    the decision; never to two records of one path, nor to a file changed after it."""
+    results = tmp_path / "results.jsonl"
+    rows = [
+        record("/data/kept.jpg", "low", 0.2, mtime=100.0),
+        record("/data/twice.jpg", "low", 0.2, realpath="/data/a/twice.jpg", mtime=100.0),
+        record("/data/twice.jpg", "high", 0.9, realpath="/data/b/twice.jpg", mtime=100.0),
+        record("/data/changed.jpg", "high", 0.9, mtime=300.0),
+    ]
+    with RecordFile(results) as file:
+        file.write(rows)
+    names = ("/data/kept.jpg", "/data/twice.jpg", "/data/changed.jpg", "/data/gone.jpg")
+    lines = [{"path": name, "member": None, "decision": "approve", "time": 200.0} for name in names]
+    decisions_path(results).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.warns(UserWarning, match=r"2 decision\(s\) written before .* not applied"):
+        client = TestClient(create_app(results))
+    assert _decided(client) == {0: "approve", 1: None, 2: None, 3: None}
+    assert _exported(client) == [("/data/kept.jpg", "approve", "low", "/data/kept.jpg")]
+    assert client.post("/api/decisions", json={"index": 1, "decision": "reject"}).is_success
+    assert client.post("/api/decisions", json={"index": 0, "decision": "reject"}).is_success
+    with pytest.warns(UserWarning, match="not applied"):
+        restarted = TestClient(create_app(results))
+    assert _decided(restarted) == {0: "reject", 1: "reject", 2: None, 3: None}
+
+
+def test_csv_and_json_lines_records_side_by_side_keep_their_own_decisions(tmp_path):
+    """results.jsonl and results.csv in one folder: each its own decisions file. A CSV record
+    file's decisions from before, at results.decisions.jsonl, are found there while no
+    results.jsonl is beside it."""
+    rows = [record("/data/a.jpg", "low", 0.9)]
+    jsonl, table = tmp_path / "results.jsonl", tmp_path / "results.csv"
+    for results in (jsonl, table):
+        with RecordFile(results) as file:
+            file.write(rows)
+    decided = TestClient(create_app(jsonl)).post(
+        "/api/decisions", json={"index": 0, "decision": "approve"}
+    )
+    assert decided.is_success and decisions_path(jsonl) == tmp_path / "results.decisions.jsonl"
+    assert TestClient(create_app(table)).get("/api/records").json()["decided"] == 0
+    assert decisions_path(table) == tmp_path / "results.csv.decisions.jsonl"
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    table.rename(earlier / "results.csv")
+    decisions_path(jsonl).rename(earlier / "results.decisions.jsonl")
+    assert decisions_path(earlier / "results.csv") == earlier / "results.decisions.jsonl"
+    assert _decided(TestClient(create_app(earlier / "results.csv"))) == {0: "approve"}
 
 
 def test_a_decisions_file_that_is_not_ours_is_refused(many):
@@ -228,10 +323,15 @@ def test_region_maps_take_the_map_and_cells_given(tmp_path, capsys):
     assert "are for the maps of --model" in capsys.readouterr().err
 
 
+def image(name: str) -> dict:
+    """What a decision names of a record: its image's path, realpath, bytes, mtime, member."""
+    return {"path": name, "realpath": name, "bytes": 1000, "mtime": 1712340000.5, "member": None}
+
+
 def test_decisions_file_keeps_every_line(tmp_path):
     decisions = Decisions(tmp_path / "r.decisions.jsonl")
     for i in range(20):
-        decisions.add(f"{i}.jpg", None, "approve" if i % 2 else "reject")
+        decisions.add(image(f"{i}.jpg"), "approve" if i % 2 else "reject")
     assert len((tmp_path / "r.decisions.jsonl").read_text().splitlines()) == 20
     assert len(Decisions(tmp_path / "r.decisions.jsonl").latest()) == 20
 
@@ -289,7 +389,7 @@ def test_without_its_key_nothing_is_shown_or_decided(one_photo):
 
 
 def _decision_line(name: str, decision: str = "reject") -> bytes:
-    entry = {"path": name, "member": None, "decision": decision, "time": 1712345678.25}
+    entry = {**image(name), "decision": decision, "time": 1712345678.25}
     return (json.dumps(entry) + "\n").encode()
 
 
@@ -317,11 +417,12 @@ def test_a_last_line_cut_anywhere_keeps_every_whole_decision(tmp_path):
             {"/data/a.jpg", "/data/b.jpg"} | ({"/data/c.jpg"} if kept_whole else set())
         )
         aside = folder / "r.decisions.jsonl.cut-line-1"
-        if kept_whole:
-            assert path.read_bytes() == whole + last and not aside.exists()
+        if kept_whole:  # the next append ends its line
+            assert path.read_bytes() == whole + last[:-1] and not aside.exists()
         else:
             assert path.read_bytes() == whole and aside.read_bytes() == last[:cut]
-        decisions.add("/data/d.jpg", None, "approve")
+        decisions.add(image("/data/d.jpg"), "approve")
+        assert path.read_bytes().startswith(whole + (last if kept_whole else b""))
         assert len(Decisions(path).latest()) == 3 + kept_whole
 
 
@@ -329,12 +430,76 @@ def test_cut_lines_set_aside_twice_are_both_kept(tmp_path):
     path = tmp_path / "r.decisions.jsonl"
     path.write_bytes(_decision_line("/a.jpg") + b'{"path": "/b.jpg", "dec')
     with pytest.warns(UserWarning):
-        Decisions(path).add("/c.jpg", None, "approve")
+        Decisions(path).add(image("/c.jpg"), "approve")
     path.write_bytes(path.read_bytes() + b'{"path": "/d')
     with pytest.warns(UserWarning, match="cut-line-2"):
         assert len(Decisions(path).latest()) == 2
     assert (tmp_path / "r.decisions.jsonl.cut-line-1").read_bytes() == b'{"path": "/b.jpg", "dec'
     assert (tmp_path / "r.decisions.jsonl.cut-line-2").read_bytes() == b'{"path": "/d'
+
+
+@contextlib.contextmanager
+def _file_size_limit(size: int):
+    """Files of this process grow to ``size`` bytes at most (RLIMIT_FSIZE): a write past it
+    is cut short there, or fails with EFBIG, as on a full disk."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+
+
+def test_a_decision_that_does_not_fit_is_an_error_and_leaves_no_cut_line(tmp_path):
+    """No room for a decision (part of its line fits, or none): a 507, the file cut back to
+    its whole lines, the record still undecided; with room again the next decision is a line
+    of its own, and the review starts again with every decision."""
+    results = tmp_path / "results.jsonl"
+    with RecordFile(results) as file:
+        file.write([record(f"/data/{i}.jpg", "high", 0.9) for i in range(3)])
+    path = decisions_path(results)
+    earlier = b"".join(_decision_line(f"/data/old{i:04d}.jpg") for i in range(400))
+    path.write_bytes(earlier)
+    client = TestClient(create_app(results))
+    for room in (10, 0):  # a write cut short, then one that writes nothing (EFBIG)
+        with _file_size_limit(len(earlier) + room):
+            refused = client.post("/api/decisions", json={"index": 0, "decision": "reject"})
+        assert refused.status_code == 507, refused.text
+        assert "the decision was not saved" in refused.json()["error"]["message"]
+        assert path.read_bytes() == earlier
+        assert _decided(client)[0] is None
+    assert client.post("/api/decisions", json={"index": 1, "decision": "approve"}).is_success
+    added = path.read_bytes()[len(earlier) :].splitlines()
+    assert len(added) == 1 and json.loads(added[0])["path"] == "/data/1.jpg"
+    assert _decided(TestClient(create_app(results))) == {0: None, 1: "approve", 2: None}
+
+
+def test_a_cut_line_in_the_middle_keeps_every_whole_decision(tmp_path):
+    """A decision cut short (an append on a full disk, before nsfw-guard checked them) glued
+    to the next one, cut at every byte, in the middle of the file: the whole decisions are
+    kept, the cut part skipped and left in the file, and the review goes on. Another program's
+    line is still refused."""
+    first, cut_short, glued, last = (_decision_line(f"/data/{name}.jpg") for name in "abcd")
+    for cut in range(1, len(cut_short)):
+        path = tmp_path / f"{cut}.decisions.jsonl"
+        data = first + cut_short[:cut] + glued + last
+        path.write_bytes(data)
+        with pytest.warns(UserWarning, match=r"line\(s\) 2: decisions cut short"):
+            decisions = Decisions(path)
+        whole = cut == len(cut_short) - 1  # only its line break was lost
+        kept = {"/data/a.jpg", "/data/c.jpg", "/data/d.jpg"} | ({"/data/b.jpg"} if whole else set())
+        assert {key[0] for key in decisions.latest()} == kept
+        assert path.read_bytes() == data  # nothing rewritten
+        decisions.add(image("/data/e.jpg"), "approve")
+        with pytest.warns(UserWarning, match="cut short"):
+            assert len(Decisions(path).latest()) == len(kept) + 1
+    not_ours = tmp_path / "not-ours.decisions.jsonl"
+    not_ours.write_bytes(first + b'{"path": "a.jpg", "level": "high"}\n' + last)  # a record
+    with pytest.raises(ValueError, match="line 2: not a decision"):
+        Decisions(not_ours)
 
 
 FORMULAS = ("=HYPERLINK(1)", "+1+1", "-2+3", "@SUM(A1)", "\tx=1", "\rx=1")

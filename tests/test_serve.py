@@ -842,7 +842,7 @@ def test_the_review_page_saves_keyboard_decisions_that_survive_a_reload(
         page.wait_for_function("document.querySelectorAll('.card').length === 5")
         assert httpx.get(url + "decisions.csv").status_code == 401
         exported = httpx.get(url + "decisions.csv", headers=key).text.splitlines()
-        assert exported[0] == "path,member,decision,time,level,flagged"
+        assert exported[0] == "path,member,decision,time,level,flagged,realpath"
         assert len(exported) == 3 and exported[1].startswith(first + ",,reject,")
         assert httpx.get(url + "thumbnail/99", headers=key).status_code == 404
         # Started without --model: no maps, and the page says so.

@@ -1,8 +1,9 @@
-"""Appending one line to a JSON-lines file nsfw-guard keeps (the copies' manifest), so that a
-full disk or a kill never leaves a line that swallows the next one."""
+"""Appending one line to a JSON-lines file nsfw-guard keeps (the copies' manifest, the review's
+decisions), so that a full disk or a kill never leaves a line that swallows the next one."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -15,8 +16,8 @@ def append_line(path: str | os.PathLike, line: bytes) -> None:
 
     A last line without its line break (cut short by a crash) is ended first, so the new line
     never joins it. A write that fails or is cut short (a full disk) is undone, the file cut
-    back to its size before, and raises :class:`OSError`: the file never ends in part of
-    ``line``, and the next append starts on a line of its own.
+    back to its size before, and raises :class:`OSError` (``ENOSPC`` for a short write): the
+    file never ends in part of ``line``, and the next append starts on a line of its own.
 
     Example:
         >>> import tempfile
@@ -40,10 +41,8 @@ def append_line(path: str | os.PathLike, line: bytes) -> None:
         try:
             written = os.write(descriptor, line)
             if written != len(line):
-                raise OSError(
-                    f"{path}: only {written} of {len(line)} bytes of a line could be appended "
-                    "(is the disk full?)"
-                )
+                message = f"only {written} of {len(line)} bytes of a line could be appended"
+                raise OSError(errno.ENOSPC, f"{message} (is the disk full?)", str(path))
             os.fsync(descriptor)
         except OSError:
             os.ftruncate(descriptor, size)

@@ -277,11 +277,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a review page over a scan's records (JSON lines, CSV or parquet): a "
         "grid of thumbnails (flagged ones blurred until hovered or clicked), filtered by level, "
         "sorted by score, a page at a time. Keys: arrows move, a approves, r rejects, space "
-        "shows. Each decision is appended at once to RESULTS.decisions.jsonl beside the "
-        "records; reloading the page resumes; /decisions.csv exports them. Only the images the "
-        "records name are read. The page needs a key (made up for each run unless --api-key "
-        "gives one): open the address this prints, which holds it. With --model, m (or a "
-        "card's map button) shows the image's region map over its thumbnail.",
+        "shows. Each decision is appended at once to RESULTS.decisions.jsonl (for CSV or "
+        "parquet records RESULTS.csv.decisions.jsonl...) beside the records, naming the "
+        "version of the file decided on; reloading the page resumes; /decisions.csv exports "
+        "them. Only the images the records name are read. The page needs a key (made up for "
+        "each run unless --api-key gives one): open the address this prints, which holds it. "
+        "With --model, m (or a card's map button) shows the image's region map over its "
+        "thumbnail.",
         epilog="Examples:\n  nsfw-guard review results.jsonl\n"
         "  nsfw-guard review results.parquet --port 8081",
         formatter_class=argparse.RawDescriptionHelpFormatter,

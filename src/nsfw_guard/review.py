@@ -4,9 +4,12 @@ A small Starlette app over a scan's records (JSON lines, CSV or parquet): the pa
 shows them as a grid of thumbnails (flagged ones blurred until hovered or clicked), filtered by
 level and sorted by score on the server, a page at a time, so 10,000 records are as quick as
 ten. Each decision (approve or reject, made with the keyboard or a click) is appended at once
-to ``RESULTS.decisions.jsonl`` (path, member, decision, time: one ``O_APPEND`` write and an
-``fsync`` per decision), which the page reads back on reload; ``/decisions.csv`` exports the
-latest decision per image.
+to the decisions file beside the records (:func:`decisions_path`; the image's path, member,
+realpath, bytes and mtime, the decision, the time: one ``O_APPEND`` write and an ``fsync`` per
+decision, or none and an error when the disk is full), which the page reads back on reload. A
+decision is about the version of the file the reviewer saw (:func:`decision_key`): a record of
+another file with the same path, or of the file changed and scanned again, is undecided.
+``/decisions.csv`` exports the latest decision per record.
 
 Only the images the records name are ever read, by their index in the records: no route takes
 a path. Thumbnails are made on demand (the same decode as ``scan``, shards included) and kept
@@ -25,14 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import functools
 import io
 import itertools
 import json
 import os
+import re
 import time
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,6 +54,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import censor
 from .access import bearer_matches, same_key, wrong_host
+from .appends import append_line
 from .decode import decode_frames
 from .inputs import ImageBatch
 from .levels import parse_check_level
@@ -62,6 +69,7 @@ __all__ = [
     "ReviewApp",
     "ReviewGate",
     "create_app",
+    "decision_key",
     "decisions_path",
 ]
 
@@ -70,33 +78,68 @@ THUMBNAIL_SIZE = 256
 FRAME_MS = 200
 """How long an animation's thumbnail shows each of its frames."""
 _SORTS = ("score", "path")
+_LINE_START = b'{"path": '
+"""How every line of a decisions file begins (``path`` is the first field written)."""
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+DecisionKey = tuple[str, int, float, str | None]
+"""``(realpath or path, bytes, mtime, member)``: see :func:`decision_key`."""
 
 
 def decisions_path(results: str | os.PathLike) -> Path:
-    """Where the decisions about ``results`` go: ``RESULTS.decisions.jsonl`` beside it.
+    """Where the decisions about ``results`` go, beside it: ``results.decisions.jsonl`` for
+    ``results.jsonl``, ``results.csv.decisions.jsonl`` for ``results.csv`` (so that the two do
+    not share one). A CSV or parquet record file's decisions made before that, at the
+    ``results.decisions.jsonl`` of the first kind, are still found there while no
+    ``results.jsonl`` is beside it and nothing is at the new name.
 
     Example:
         >>> decisions_path("scans/results.jsonl").as_posix()
         'scans/results.decisions.jsonl'
+        >>> decisions_path("scans/results.csv").as_posix()
+        'scans/results.csv.decisions.jsonl'
     """
     results = Path(results)
-    return results.with_name(f"{results.stem}.decisions.jsonl")
+    by_stem = results.with_name(f"{results.stem}.decisions.jsonl")
+    if results.suffix == ".jsonl":
+        return by_stem
+    by_name = results.with_name(f"{results.name}.decisions.jsonl")
+    earlier = os.path.lexists(by_stem) and not os.path.lexists(by_name)
+    return by_stem if earlier and not results.with_suffix(".jsonl").exists() else by_name
+
+
+def decision_key(entry: Mapping[str, Any]) -> DecisionKey:
+    """Which version of which image a record, or a decision, is about: ``(realpath, bytes,
+    mtime, member)``, as ``scan --resume`` tells them apart (``path`` for a record without a
+    ``realpath``).
+
+    Example:
+        >>> decision_key({"path": "a.jpg", "realpath": "/data/a.jpg", "bytes": 10, "mtime": 1})
+        ('/data/a.jpg', 10, 1.0, None)
+    """
+    path = entry.get("realpath") or entry["path"]
+    return (path, int(entry["bytes"]), float(entry["mtime"]), entry.get("member"))
 
 
 class Decisions:
     """The decisions file: appended to, one line per decision, never rewritten.
 
+    ``latest()``: the latest decision per image version (:func:`decision_key`); ``path_only``:
+    the latest per ``(path, member)`` of the lines written before decisions named the version.
+
     Example:
         >>> import tempfile
         >>> decisions = Decisions(Path(tempfile.mkdtemp()) / "r.decisions.jsonl")
-        >>> _ = decisions.add("a.jpg", None, "reject")
-        >>> decisions.latest()[("a.jpg", None)]["decision"]
+        >>> image = {"path": "a.jpg", "realpath": "/data/a.jpg", "bytes": 10, "mtime": 1.5}
+        >>> _ = decisions.add(image, "reject")
+        >>> decisions.latest()[decision_key(image)]["decision"]
         'reject'
     """
 
     def __init__(self, path: Path):
         self.path = path
-        self._latest: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._latest: dict[DecisionKey, dict[str, Any]] = {}
+        self.path_only: dict[tuple[str, str | None], dict[str, Any]] = {}
         if path.is_symlink():  # appends never go through a link (O_NOFOLLOW): say so now
             raise ValueError(f"{path} is a link; nsfw-guard does not write through it")
         if not path.exists():
@@ -105,26 +148,47 @@ class Decisions:
             raise ValueError(f"{path} is not a regular file")
         data = path.read_bytes()
         *lines, tail = data.split(b"\n")  # tail: what follows the last line break
+        cut_lines = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             entry = _decision(line)
-            if entry is None:
+            if entry is not None:
+                self._keep(entry)
+                continue
+            try:
+                glued = _glued_decisions(line)
+            except ValueError:
                 raise ValueError(
                     f"{path}, line {number}: not a decision; is this file nsfw-guard's?"
-                )
-            self._latest[(entry["path"], entry.get("member"))] = entry
+                ) from None
+            for entry in glued:
+                self._keep(entry)
+            cut_lines.append(number)
+        if cut_lines:
+            warnings.warn(
+                f"{path}, line(s) {', '.join(map(str, cut_lines))}: decisions cut short and "
+                "glued together (written while the disk was full?); the whole ones are kept, "
+                "the cut ones skipped and left in the file as they are",
+                stacklevel=2,
+            )
         if tail.strip():
             self._end_cut_line(tail, len(data) - len(tail), len(lines))
 
+    def _keep(self, entry: dict[str, Any]) -> None:
+        if "bytes" in entry:
+            self._latest[decision_key(entry)] = entry
+        else:  # written before decisions named the version
+            self.path_only[(entry["path"], entry.get("member"))] = entry
+
     def _end_cut_line(self, tail: bytes, end: int, whole: int) -> None:
         """A last line without its line break (a kill while it was appended): kept when it is a
-        whole decision (its line break added), else copied to a file of its own beside this one
-        (never deleted) and cut off here, so that appends go on from the last whole line."""
+        whole decision (the next append ends its line), else copied to a file of its own beside
+        this one (never deleted) and cut off here, so that appends go on from the last whole
+        line."""
         entry = _decision(tail)
         if entry is not None:
-            self._latest[(entry["path"], entry.get("member"))] = entry
-            self._append(b"\n")
+            self._keep(entry)
             return
         for number in itertools.count(1):
             aside = self.path.with_name(f"{self.path.name}.cut-line-{number}")
@@ -134,7 +198,8 @@ class Decisions:
                 continue
             break
         try:
-            os.write(descriptor, tail)
+            if os.write(descriptor, tail) < len(tail):  # the disk is full: cut nothing off
+                raise OSError(errno.ENOSPC, "the cut line did not fit beside it", str(aside))
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
@@ -145,40 +210,83 @@ class Decisions:
             stacklevel=3,
         )
 
-    def latest(self) -> dict[tuple[str, str | None], dict[str, Any]]:
+    def latest(self) -> dict[DecisionKey, dict[str, Any]]:
         return dict(self._latest)
 
-    def add(self, path: str, member: str | None, decision: str) -> dict[str, Any]:
-        """Append one decision (a single ``write`` to a file opened for appending, then
-        ``fsync``): a kill never leaves half a line but the last one, and never loses a
-        decision that was answered."""
+    def add(self, record: Mapping[str, Any], decision: str) -> dict[str, Any]:
+        """Append a decision about the image version ``record`` names (a single ``write`` to a
+        file opened for appending, then ``fsync``): a kill never leaves half a line but the last
+        one, and a decision is answered only once it is whole on disk (else ``OSError``)."""
         if decision not in DECISIONS:
             raise ValueError(f"decision {decision!r}: expected one of {', '.join(DECISIONS)}")
-        entry = {"path": path, "member": member, "decision": decision, "time": time.time()}
-        self._append((json.dumps(entry, ensure_ascii=True) + "\n").encode())
-        self._latest[(path, member)] = entry
+        entry = {
+            "path": record["path"],
+            "member": record.get("member"),
+            "realpath": record.get("realpath"),
+            "bytes": int(record["bytes"]),
+            "mtime": float(record["mtime"]),
+            "decision": decision,
+            "time": time.time(),
+        }
+        append_line(self.path, (json.dumps(entry, ensure_ascii=True) + "\n").encode())
+        self._latest[decision_key(entry)] = entry
         return entry
-
-    def _append(self, data: bytes) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        descriptor = os.open(self.path, flags, 0o644)
-        try:
-            os.write(descriptor, data)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def _decision(line: bytes) -> dict[str, Any] | None:
-    """The decision on one line of a decisions file, or ``None`` if it holds none."""
+    """The decision on one line of a decisions file, or ``None`` if it holds none. Lines
+    written before decisions named the image's version lack ``realpath``, ``bytes`` and
+    ``mtime``."""
     try:
         entry = json.loads(line)
-        if entry["decision"] in DECISIONS and isinstance(entry["path"], str):
-            hash(entry.get("member"))
-            return entry
-    except (ValueError, KeyError, TypeError):
-        pass
-    return None
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or entry.get("decision") not in DECISIONS:
+        return None
+    if not isinstance(entry.get("path"), str) or not _is_text(entry.get("member")):
+        return None
+    if not _is_number(entry.get("time")):
+        return None
+    if "bytes" not in entry:
+        return entry
+    whole = isinstance(entry["bytes"], int) and not isinstance(entry["bytes"], bool)
+    version = whole and _is_number(entry.get("mtime")) and _is_text(entry.get("realpath"))
+    return entry if version else None
+
+
+def _is_text(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _glued_decisions(line: bytes) -> list[dict[str, Any]]:
+    """The whole decisions on a line that appends cut short (by a full disk) and the appends
+    after them make: decisions, and decisions cut short, glued together. ``ValueError`` if a
+    part is neither (the line is another program's).
+
+    Example:
+        >>> _glued_decisions(b'{"pa{"path": "a.jpg", "decision": "reject", "time": 1}')
+        [{'path': 'a.jpg', 'decision': 'reject', 'time': 1}]
+    """
+    decisions = []
+    for part in filter(None, re.split(rb'(?={"path": )', line)):
+        entry = _decision(part)
+        if entry is not None:
+            decisions.append(entry)
+        elif not _LINE_START.startswith(part[: len(_LINE_START)]) or _is_json(part):
+            raise ValueError(f"{part[:40]!r}: neither a decision nor one cut short")
+    return decisions
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -187,7 +295,11 @@ class _Item:
     record: dict[str, Any]
 
     @property
-    def key(self) -> tuple[str, str | None]:
+    def key(self) -> DecisionKey:
+        return decision_key(self.record)
+
+    @property
+    def name(self) -> tuple[str, str | None]:
         return (self.record["path"], self.record.get("member"))
 
     def score(self) -> float:
@@ -216,6 +328,7 @@ class ReviewApp:
         self._model_lock = asyncio.Lock()
         self.items = [_Item(i, record) for i, record in enumerate(read_records(self.results))]
         self.decisions = Decisions(decisions_path(self.results))
+        self._path_only = self._apply_path_only()
         self.counts = dict(  # records per level ("error" for errors): they never change
             Counter(
                 "error" if item.record.get("error") else item.record.get("level") or "none"
@@ -235,6 +348,32 @@ class ReviewApp:
             Route("/map/{index:int}", self.region_map),
         ]
 
+    def _apply_path_only(self) -> dict[DecisionKey, dict[str, Any]]:
+        """The decisions written before they named the image's version, by the version each
+        applies to: a decision applies to a record when no other record has its path and member
+        and its file is older than the decision; else to none (it may be of another file)."""
+        named: defaultdict[tuple[str, str | None], list[_Item]] = defaultdict(list)
+        for item in self.items:
+            named[item.name].append(item)
+        applied, unsure = {}, 0
+        for name, entry in self.decisions.path_only.items():
+            items = named.get(name, [])
+            if len(items) == 1 and float(items[0].record["mtime"]) <= entry["time"]:
+                applied[items[0].key] = entry
+            elif items:
+                unsure += 1
+        if unsure:
+            warnings.warn(
+                f"{self.decisions.path}: {unsure} decision(s) written before decisions named "
+                "the image's version are not applied: another record has the same path, or the "
+                "file changed after the decision",
+                stacklevel=3,
+            )
+        return applied
+
+    def _latest(self) -> dict[DecisionKey, dict[str, Any]]:
+        return {**self._path_only, **self.decisions.latest()}
+
     async def index(self, request: Request) -> Response:
         return Response(self.page, media_type="text/html; charset=utf-8")
 
@@ -250,12 +389,12 @@ class ReviewApp:
         sort = query.get("sort", "score")
         if sort not in _SORTS:
             return _error(400, f"sort {sort!r}: expected one of {', '.join(_SORTS)}")
-        latest = self.decisions.latest()
+        latest = self._latest()
         selected = [item for item in self.items if _matches(item, query.get("level"), latest)]
         if sort == "score":
             selected.sort(key=lambda item: -item.score())
         else:
-            selected.sort(key=lambda item: item.key[0] + "\0" + (item.key[1] or ""))
+            selected.sort(key=lambda item: item.name[0] + "\0" + (item.name[1] or ""))
         return JSONResponse(
             {
                 "total": len(selected),
@@ -281,20 +420,29 @@ class ReviewApp:
             return _error(400, 'send {"index": N, "decision": "approve" or "reject"}')
         if not 0 <= index < len(self.items) or decision not in DECISIONS:
             return _error(400, f"no record {index}, or a decision other than approve/reject")
-        item = self.items[index]
-        async with self._lock:  # one append at a time, in the order they came
-            entry = await asyncio.to_thread(self.decisions.add, *item.key, decision)
+        try:
+            async with self._lock:  # one append at a time, in the order they came
+                entry = await asyncio.to_thread(
+                    self.decisions.add, self.items[index].record, decision
+                )
+        except OSError as error:  # nothing kept: the page says so, the reviewer decides again
+            status = 507 if error.errno in _DISK_FULL else 500
+            return _error(status, f"the decision was not saved: {error}")
         return JSONResponse({"index": index, **entry})
 
     async def export(self, request: Request) -> Response:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", "member", "decision", "time", "level", "flagged"])
-        records = {item.key: item.record for item in self.items}
-        for key, entry in self.decisions.latest().items():
-            record = records.get(key, {})
-            row = [*key, entry["decision"], entry["time"], record.get("level")]
-            writer.writerow([_inert(cell) for cell in (*row, record.get("flagged"))])
+        writer.writerow(["path", "member", "decision", "time", "level", "flagged", "realpath"])
+        latest = self._latest()
+        for item in self.items:  # a row per decided record: its decision, never another file's
+            entry = latest.get(item.key)
+            if entry is None:
+                continue
+            record = item.record
+            row = [*item.name, entry["decision"], entry["time"], record.get("level")]
+            cells = (*row, record.get("flagged"), record.get("realpath"))
+            writer.writerow([_inert(cell) for cell in cells])
         name = f"{self.results.stem}.decisions.csv"
         return Response(
             buffer.getvalue(),
