@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -389,6 +390,67 @@ def test_a_second_writer_of_one_output_is_refused(level_checkpoints, tmp_path, c
     finally:
         holder.communicate("")
     assert read_records(output) == []  # the holder's run, which wrote nothing, is intact
+
+
+def test_a_resume_started_while_another_scan_writes_is_refused(level_checkpoints, tmp_path):
+    """Scan B (``--resume``) starts while scan A writes the output. If B read the records before
+    taking the lock, A could end before B locks, and B would rewrite the output without A's
+    later records; B must be refused at once instead, and A's records all kept."""
+    from nsfw_guard import NSFWDetector
+    from nsfw_guard.records import RecordFileBusy
+    from nsfw_guard.scan import find_images, scan
+
+    for i in range(2):
+        _photo(tmp_path / "a" / f"{i}.jpg", i)
+    _photo(tmp_path / "b" / "b.jpg", 2)
+    output = tmp_path / "r.jsonl"
+    scorer = NSFWDetector(str(level_checkpoints["low"]), device="cpu").scorer
+    b_planned, a_done = threading.Event(), threading.Event()
+    b_outcome: list[BaseException | None] = []
+
+    class PlannedInputs(list):
+        """B's inputs: B plans its scan by going through them; A then ends before B goes on."""
+
+        def __iter__(self):
+            b_planned.set()
+            a_done.wait(timeout=60)
+            return super().__iter__()
+
+    def scan_b() -> None:
+        try:
+            scan(
+                PlannedInputs(find_images([tmp_path / "b"])),
+                scorer,
+                output,
+                resume=True,
+                quiet=True,
+            )
+            b_outcome.append(None)
+        except RecordFileBusy as error:
+            b_outcome.append(error)
+        finally:
+            b_planned.set()  # also when refused before planning
+
+    b = threading.Thread(target=scan_b)
+
+    def start_b_after_the_first_record(records: list[dict]) -> None:
+        if b.ident is None:  # not started yet
+            b.start()
+            b_planned.wait(timeout=60)
+
+    a = scan(
+        find_images([tmp_path / "a"]),
+        scorer,
+        output,
+        batch_size=1,
+        quiet=True,
+        on_records=start_b_after_the_first_record,
+    )
+    a_done.set()
+    b.join(timeout=60)
+    assert a.scanned == 2 and len(b_outcome) == 1
+    assert isinstance(b_outcome[0], RecordFileBusy), "B wrote the output from a stale read"
+    assert sorted(Path(r["path"]).name for r in read_records(output)) == ["0.jpg", "1.jpg"]
 
 
 @pytest.mark.processes

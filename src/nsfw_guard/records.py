@@ -446,8 +446,10 @@ class RecordFile:
 
     Opening takes the lock (a sidecar ``.NAME.nsfw-guard.lock`` holding the writer's pid;
     :class:`RecordFileBusy` if another process holds it) and replaces the file atomically
-    with the records in ``keep`` (``read_records(path)`` when resuming). :meth:`write` appends
-    records and flushes them. The lock is released on :meth:`close`, or by the operating
+    with the records in ``keep``. With ``keep=None`` it only takes the lock, and :meth:`start`
+    replaces the file: a resumed scan reads the records to keep (``read_records(path)``) in
+    between, under the lock, so no other scan's are lost. :meth:`write` appends records and
+    flushes them. The lock is released on :meth:`close`, or by the operating
     system when the process dies. No file but ``path``, its lock file, temporary files next to
     it (``.nsfw-guard-HASH-XXXX.tmp``, renamed over ``path``) and, for a parquet ``path``, its
     working file (``.NAME.nsfw-guard.jsonl``, written as parquet on :meth:`close`) is ever
@@ -461,13 +463,14 @@ class RecordFile:
         ...     RecordFile(output)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         nsfw_guard.records.RecordFileBusy: /.../results.csv is being written by another ...
-        >>> with RecordFile(output, keep=read_records(output)) as records:  # --resume
+        >>> with RecordFile(output, keep=None) as records:  # --resume
+        ...     records.start(read_records(output))
         ...     records.write([_example("b.jpg")])
         >>> [record["path"] for record in read_records(output)]
         ['a.jpg', 'b.jpg']
     """
 
-    def __init__(self, path: str | os.PathLike, *, keep: Sequence[Mapping[str, Any]] = ()):
+    def __init__(self, path: str | os.PathLike, *, keep: Sequence[Mapping[str, Any]] | None = ()):
         self.path = Path(path)
         self.csv = _is_csv(self.path)
         self.parquet = _is_parquet(self.path)
@@ -480,13 +483,20 @@ class RecordFile:
         if not self.path.parent.is_dir():
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.path.parent))
         self._lock = _lock(self._lock_path, self.path)
-        try:
-            kept = [_for_writing(record) for record in keep]
-            self._file = self._replace(kept)
-        except BaseException:
-            _unlock(self._lock, self._lock_path)
-            self._lock = None
-            raise
+        self._closed = False
+        if keep is not None:
+            try:
+                self.start(keep)
+            except BaseException:
+                self.close()
+                raise
+
+    def start(self, keep: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the file atomically with the records in ``keep``, to append to (once, when
+        opened with ``keep=None``)."""
+        if self._file is not None or self._closed:
+            raise ValueError(f"{self.path}: the record file is already started or closed")
+        self._file = self._replace([_for_writing(record) for record in keep])
 
     def _temporary(self, target: Path) -> tuple[int, Path]:
         """A new temporary file beside ``target``, to rename over it; those of killed writers
@@ -563,7 +573,7 @@ class RecordFile:
         (all are checked first: a bad one writes none; no ``fsync``, which only a crash of
         the system would need)."""
         if self._file is None:
-            raise ValueError(f"{self.path}: the record file is closed")
+            raise ValueError(f"{self.path}: the record file is not started, or closed")
         self._write_to(self._file, [_for_writing(record) for record in records])
 
     def close(self) -> None:
@@ -578,6 +588,7 @@ class RecordFile:
                     self._write_parquet()
         finally:
             self._file = None
+            self._closed = True
             if self._lock is not None:
                 _unlock(self._lock, self._lock_path)
                 self._lock = None

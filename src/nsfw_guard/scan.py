@@ -330,15 +330,17 @@ def scan(
         return summary
 
     output = Path(output)
-    existing = _existing_records(output) if resume else []
-    kept, todo = _plan(existing, inputs, settings)
     if processes == 1:
-        with RecordFile(output, keep=kept) as records_file:
+        with RecordFile(output, keep=None) as records_file:  # locked before the records are read
+            kept, todo = _plan(_existing_records(output, resume), inputs, settings)
+            records_file.start(kept)
             for path in part_paths(output):  # a killed multi-process scan's: merged in ``kept``
                 path.unlink()
             made = scan_part(todo, records_file, not quiet, on_records) if todo else []
     else:
-        made = _scan_processes(output, kept, todo, step, settings, state, quiet, should_stop)
+        todo, made = _scan_processes(
+            output, inputs, resume, step, settings, state, quiet, should_stop
+        )
 
     summary = ScanSummary(skipped=len(inputs) - len(todo), scanned=len(made), processes=processes)
     summary.total, summary.interrupted = len(inputs), len(made) < len(todo)
@@ -350,8 +352,11 @@ def scan(
     return summary
 
 
-def _existing_records(output: Path) -> list[dict[str, Any]]:
-    """The records of ``output`` and of any part files a killed multi-process scan left."""
+def _existing_records(output: Path, resume: bool) -> list[dict[str, Any]]:
+    """When resuming, the records of ``output`` and of any part files a killed multi-process
+    scan left (read under the output's lock); else none."""
+    if not resume:
+        return []
     return [record for path in [output, *part_paths(output)] for record in read_records(path)]
 
 
@@ -442,21 +447,25 @@ def _wanted_copy(record: dict[str, Any], settings: ScanSettings) -> str | None:
 
 def _scan_processes(
     output: Path,
-    kept: list[dict[str, Any]],
-    todo: list[ScanInput],
+    inputs: Sequence[ScanInput],
+    resume: bool,
     step: CheckStep,
     settings: ScanSettings,
     state: Any,
     quiet: bool,
     should_stop: Callable[[], bool] | None,
-) -> list[dict[str, Any]]:
+) -> tuple[list[ScanInput], list[dict[str, Any]]]:
     """Each process scans its share into its own part file, flushed batch by batch, while the
     main process holds the output (with the kept records, old parts merged in); at the end it
-    appends the parts' records in input order and removes the parts."""
-    state.wait_for_everyone()  # every process has read the old parts
-    output_file = RecordFile(output, keep=kept) if state.is_main_process else None
+    appends the parts' records in input order and removes the parts. Returns ``(inputs to
+    scan, records made)``."""
+    output_file = RecordFile(output, keep=None) if state.is_main_process else None
     try:
-        if state.is_main_process:
+        state.wait_for_everyone()  # the output is locked: every process reads the same records
+        kept, todo = _plan(_existing_records(output, resume), inputs, settings)
+        state.wait_for_everyone()  # every process has read the output and the old parts
+        if output_file is not None:
+            output_file.start(kept)
             for path in part_paths(output):
                 path.unlink(missing_ok=True)  # their records are in the output now
         state.wait_for_everyone()
@@ -478,7 +487,7 @@ def _scan_processes(
         if output_file is not None:
             output_file.close()
     state.wait_for_everyone()
-    return made
+    return todo, made
 
 
 def _scan_part(
