@@ -105,7 +105,7 @@ def pipeline_support(cls: type[DiffusionPipeline]) -> PipelineSupport:
         call_signature = None
     decodes = _decodes_latents(cls)
     return PipelineSupport(
-        refused=_refusal(fields),
+        refused=_refusal(fields, call_tree),
         checker_values=checker_values,
         checker_slot=checker_values == 2 and _has_checker_slot(cls),
         output_fields=fields,
@@ -120,7 +120,12 @@ def pipeline_support(cls: type[DiffusionPipeline]) -> PipelineSupport:
     )
 
 
-def _refusal(fields: tuple[str, ...] | None) -> str | None:
+def _refusal(fields: tuple[str, ...] | None, call_tree: ast.AST | None) -> str | None:
+    if call_tree is not None and _calls_hdr_postprocess(call_tree):
+        return (
+            "it returns linear HDR frames (values from 0 up, unbounded), which nsfw-guard "
+            "cannot check as they will be shown; check tone-mapped frames with NSFWDetector"
+        )
     if fields is None:
         return None  # no output class in the source: checked at run time
     if "depth" in fields:
@@ -131,6 +136,16 @@ def _refusal(fields: tuple[str, ...] | None) -> str | None:
     if not any(name in IMAGE_FIELDS for name in fields):
         return f"it returns {', '.join(fields)}, not images"
     return None
+
+
+def _calls_hdr_postprocess(tree: ast.AST) -> bool:
+    """Whether ``tree`` calls a ``postprocess_hdr...`` method (LTX-2's HDR video processor)."""
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr.startswith("postprocess_hdr")
+        for node in ast.walk(tree)
+    )
 
 
 def _parse(function: Callable | None) -> ast.AST | None:
