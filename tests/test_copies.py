@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import resource
 import signal
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,3 +215,19 @@ def test_resume_replaces_an_older_copy_after_a_kill_before_its_rename(level_chec
         assert read_verdict((out / name).read_bytes())["level"] == "high"
     assert (out / "a.png").read_bytes() != clean
     assert pending.read_bytes() == b"the censored version"  # never read, never removed
+
+
+def test_new_copies_and_record_files_get_the_usual_permissions(level_checkpoints, tmp_path):
+    """Like any new file of the user's (0o666 less the umask), not a temporary file's 0o600: other
+    users and programs can read the copies and the records, as they could the originals."""
+    photos, out, output = tmp_path / "photos", tmp_path / "out", tmp_path / "r.jsonl"
+    photos.mkdir()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(photos / "a.png")
+    previous = os.umask(0o022)
+    try:
+        args = [photos, "--output", output, "--censor-to", out, "--copy-clean"]
+        assert _scan(*args, "--model", level_checkpoints["neutral"]) == 0
+    finally:
+        os.umask(previous)
+    for path in (output, out / "a.png", out / MANIFEST_NAME):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -10,7 +10,7 @@ renamed into place, so a kill never leaves a half copy or a copy the manifest do
 can leave a hidden ``.nsfw-guard-*.tmp`` file, never read). Every version of a copy the
 manifest lists counts as this tool's, not only the last, so a kill between a new version's line
 and its rename leaves the older copy replaceable. A manifest line is appended whole or not at
-all (:func:`~nsfw_guard.appends.append_line`): a full disk fails that copy alone.
+all (:func:`~nsfw_guard.own_files.append_line`): a full disk fails that copy alone.
 
 Copies are made from the bytes that were decoded and checked (never by reading the file again):
 clean ones byte for byte, flagged ones censored frame by frame with the check step's action, in
@@ -25,7 +25,6 @@ import io
 import json
 import os
 import stat
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,10 +34,10 @@ from typing import Any, BinaryIO
 import torch
 from PIL import Image
 
-from .appends import append_line
 from .check import CheckStep
 from .decode import iter_frames
 from .inputs import to_image_batches
+from .own_files import append_line, new_temporary_file
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .verdict_metadata import validate_verdict, verdict_save_options
 
@@ -162,11 +161,8 @@ class CopyFolder:
             raise CopyConflict(f"{destination} is outside {self.folder} (through a link in it)")
         destination.parent.mkdir(parents=True, exist_ok=True)
         # A new file of its own (never through a link), with a short name any name fits.
-        descriptor, name = tempfile.mkstemp(
-            dir=destination.parent, prefix=".nsfw-guard-", suffix=".tmp"
-        )
+        descriptor, temporary = new_temporary_file(destination.parent, ".nsfw-guard-")
         os.close(descriptor)
-        temporary = Path(name)
         try:
             save(temporary)
             info = temporary.stat()

@@ -30,11 +30,12 @@ import json
 import os
 import re
 import stat
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from .own_files import new_temporary_file
 
 __all__ = [
     "RECORD_FIELDS",
@@ -507,8 +508,7 @@ class RecordFile:
         for entry in os.listdir(folder):
             if entry.startswith(prefix) and entry.endswith(".tmp"):
                 (folder / entry).unlink(missing_ok=True)
-        descriptor, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
-        return descriptor, Path(name)
+        return new_temporary_file(folder, prefix)
 
     def _rename_over(self, temporary: Path, target: Path) -> None:
         """Rename ``temporary`` over ``target``, with the output's permissions if it exists."""

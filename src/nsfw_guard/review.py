@@ -54,10 +54,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import censor
 from .access import bearer_matches, same_key, wrong_host
-from .appends import append_line
 from .decode import decode_frames
 from .inputs import ImageBatch
 from .levels import parse_check_level
+from .own_files import append_line
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .records import read_records
 from .scoring import NSFWScorer

@@ -1,13 +1,17 @@
-"""Appending one line to a JSON-lines file nsfw-guard keeps (the copies' manifest, the review's
-decisions), so that a full disk or a kill never leaves a line that swallows the next one."""
+"""The files nsfw-guard writes beside a user's: lines appended to its own JSON-lines files (the
+copies' manifest, the review's decisions) so that a full disk or a kill never leaves a line that
+swallows the next one, and new temporary files (renamed into place) with the permissions any
+new file of the user's gets."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import secrets
+from pathlib import Path
 
-__all__ = ["append_line"]
+__all__ = ["append_line", "new_temporary_file"]
 
 
 def append_line(path: str | os.PathLike, line: bytes) -> None:
@@ -49,3 +53,26 @@ def append_line(path: str | os.PathLike, line: bytes) -> None:
             raise
     finally:
         os.close(descriptor)
+
+
+def new_temporary_file(folder: str | os.PathLike, prefix: str) -> tuple[int, Path]:
+    """A new empty file ``folder/PREFIX<random>.tmp`` opened for writing: ``(descriptor, path)``.
+
+    Created anew, never through a link, with mode ``0o666`` less the umask, as the file it will
+    be renamed over would be (``tempfile.mkstemp`` makes ``0o600``: a copy or record file other
+    users and programs could not read).
+
+    Example:
+        >>> import tempfile
+        >>> descriptor, path = new_temporary_file(tempfile.mkdtemp(), ".nsfw-guard-")
+        >>> os.close(descriptor)
+        >>> path.name.startswith(".nsfw-guard-") and path.suffix == ".tmp"
+        True
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        path = Path(folder, f"{prefix}{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
