@@ -1,7 +1,8 @@
 """Backends side by side, timm's style: the whole check step (decoded ``[-1, 1]`` pixels → the
 four scores, resize and normalize included) in img/s and ms/img per batch, and peak memory, for
-PyTorch eager (float32 and the fast dtype), ``torch.compile``, ONNX Runtime (CPU, and CUDA where
-``onnxruntime-gpu`` is installed) and TensorRT (ONNX Runtime's TensorRT provider, where present).
+PyTorch eager (float32, bfloat16 and the fast dtype), ``torch.compile``, ONNX Runtime (the
+package's backend: CPU, and CUDA where ``onnxruntime-gpu`` is installed) and TensorRT (ONNX
+Runtime's TensorRT provider, where present).
 
     python benchmarks/bench_backends.py                 # full-size random checkpoint, this machine
     python benchmarks/bench_backends.py --tiny --batches 1 2 --repeats 1   # the code path, quickly
@@ -26,10 +27,19 @@ import torch
 from _common import RESULTS, machine, machine_slug, measure, print_table, write_json
 
 from nsfw_guard.model import default_dtype, load_model
+from nsfw_guard.onnx_backend import OnnxScorer
 from nsfw_guard.scoring import NSFWScorer
 from nsfw_guard.testing import make_checkpoint
 
-BACKENDS = ("eager-fp32", "eager", "compiled", "onnxruntime", "onnxruntime-cuda", "tensorrt")
+BACKENDS = (
+    "eager-fp32",
+    "eager-bf16",
+    "eager",
+    "compiled",
+    "onnxruntime",
+    "onnxruntime-cuda",
+    "tensorrt",
+)
 
 
 def main() -> None:
@@ -135,8 +145,8 @@ def make_backend(
 ):
     """``(score(images) -> scores, dtype name, seconds spent compiling up front)``."""
     fast = default_dtype(device)
-    if backend in ("eager-fp32", "eager", "compiled"):
-        dtype = torch.float32 if backend == "eager-fp32" else fast
+    if backend in ("eager-fp32", "eager-bf16", "eager", "compiled"):
+        dtype = {"eager-fp32": torch.float32, "eager-bf16": torch.bfloat16}.get(backend, fast)
         loaded = load_model(folder, device=device, dtype=dtype)
         compile = {"mode": compile_mode} if compile_mode else True
         scorer = NSFWScorer(
@@ -145,16 +155,20 @@ def make_backend(
         return (lambda images: scorer(images, "-1,1")), str(dtype).removeprefix("torch."), 0.0
     import onnxruntime
 
-    providers = {
-        "onnxruntime": ["CPUExecutionProvider"],
-        "onnxruntime-cuda": ["CUDAExecutionProvider"],
-        "tensorrt": [("TensorrtExecutionProvider", {"trt_fp16_enable": True})],
+    provider = {
+        "onnxruntime": "CPUExecutionProvider",
+        "onnxruntime-cuda": "CUDAExecutionProvider",
+        "tensorrt": "TensorrtExecutionProvider",
     }[backend]
-    name = providers[0] if isinstance(providers[0], str) else providers[0][0]
-    if name not in onnxruntime.get_available_providers():
+    if provider not in onnxruntime.get_available_providers():
         return None, None, None
     start = time.perf_counter()
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=providers)
+    if backend != "tensorrt":  # the package's own backend: pixels bound in place on the device
+        scorer = OnnxScorer(onnx_path, device="cuda" if backend == "onnxruntime-cuda" else "cpu")
+        build_s = time.perf_counter() - start
+        return (lambda images: scorer(images, "-1,1")), "float32", build_s
+    options = {"trt_fp16_enable": True}
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=[(provider, options)])
     build_s = time.perf_counter() - start
 
     def score(images: torch.Tensor) -> torch.Tensor:
