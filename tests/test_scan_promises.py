@@ -170,6 +170,10 @@ def test_check_and_scan_see_every_frame_by_default_and_agree(bright, tmp_path, c
         )
 
 
+def _without(record: dict, name: str) -> dict:
+    return {key: value for key, value in record.items() if key != name}
+
+
 def test_a_sampled_animation_is_flagged_and_never_copied_as_clean(bright, tmp_path, capsys):
     folder = tmp_path / "gifs"
     folder.mkdir()
@@ -200,6 +204,11 @@ def test_a_sampled_animation_is_flagged_and_never_copied_as_clean(bright, tmp_pa
     )  # fmt: skip
     assert code == EXIT_FLAGGED and out.rstrip().endswith("FLAGGED (sampled: 16 of 40 frames)")
     # A CI gate: an animation checked in part fails it, whatever its checked frames' level.
+    code, _, _ = _scan(capsys, folder, *args, "--max-frames", "16", "--resume", "--fail-on", "high")
+    assert code == EXIT_FLAGGED
+    # So does one whose record predates "sampled" (its frame counts say so).
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    output.write_text("".join(json.dumps(_without(r, "sampled")) + "\n" for r in lines))
     code, _, _ = _scan(capsys, folder, *args, "--max-frames", "16", "--resume", "--fail-on", "high")
     assert code == EXIT_FLAGGED
     # Every frame checked (the default) on resume: copied clean, byte for byte.

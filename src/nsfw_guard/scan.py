@@ -75,7 +75,7 @@ class ScanSummary:
             self.levels[level] += 1
             self.worst = max(self.worst, level)
         self.flagged += bool(record["flagged"] and record["level"])  # checked and flagged
-        self.sampled += bool(record.get("sampled"))
+        self.sampled += _sampled(record)  # records before "sampled" say so by their frames
 
     def lines(self) -> list[str]:
         rate = self.scanned / self.seconds if self.seconds else 0.0
