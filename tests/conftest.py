@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,24 @@ def make_brightness_checkpoint(folder: Path, pivot: float) -> Path:
     weights["timm_model.head.bias"].zero_()
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+def jpeg_with_exif_thumbnail(
+    image: Image.Image, thumbnail: Image.Image, orientation: int = 1
+) -> bytes:
+    """``image`` as a JPEG whose EXIF holds ``thumbnail`` (IFD1, as cameras write it) and the
+    ``orientation`` tag: Pillow writes no EXIF thumbnail, so the TIFF structure is built here."""
+    small = io.BytesIO()
+    thumbnail.save(small, "JPEG")
+    # Header (8 bytes); IFD0 at 8 (2 + 12 + 4 bytes) with the orientation; IFD1 at 26 (2 + 2 x 12
+    # + 4 bytes) pointing at the thumbnail, which follows at 56.
+    tiff = b"II*\x00" + struct.pack("<I", 8)
+    tiff += struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 3, 1, orientation)
+    tiff += struct.pack("<I", 26) + struct.pack("<H", 2)
+    tiff += struct.pack("<HHII", 0x0201, 4, 1, 56) + struct.pack(
+        "<HHII", 0x0202, 4, 1, small.tell()
+    )
+    tiff += struct.pack("<I", 0) + small.getvalue()
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=b"Exif\x00\x00" + tiff)
+    return out.getvalue()

@@ -26,7 +26,7 @@ from nsfw_guard.decode import (
 from nsfw_guard.inputs import ImageBatch, to_image_batches
 from nsfw_guard.preprocess import WHITE, composite_alpha, to_unit_range
 
-from .conftest import PHOTO_PATHS
+from .conftest import PHOTO_PATHS, jpeg_with_exif_thumbnail
 
 CHELSEA = next(path for path in PHOTO_PATHS if path.name == "chelsea.jpg")
 MODES = [
@@ -371,6 +371,26 @@ def test_a_small_file_of_many_frames_on_a_huge_canvas_is_a_bomb_too():
         next(iter_frames(data, [3999]))
     image = decode_image(_tiny_frames_on_a_huge_canvas(600, 400), max_frames=2)
     assert image.frame_count == 400 and (image.width, image.height) == (600, 600)
+
+
+def test_an_exif_thumbnail_unlike_its_image_is_checked_with_it():
+    """Viewers and file browsers show a file's EXIF thumbnail: a camera's (the image in small,
+    rotated with it) adds nothing; another picture there is checked as part of the image."""
+    dark = Image.new("RGB", (640, 480), (20, 20, 20))
+    for orientation in (1, 6):
+        camera = decode_image(jpeg_with_exif_thumbnail(dark, dark.resize((160, 120)), orientation))
+        assert len(camera.frames) == 1
+    inserted = dark.resize((160, 120))
+    inserted.paste((255, 255, 255), (60, 40, 100, 80))  # 40 x 40 of another picture
+    image = decode_image(jpeg_with_exif_thumbnail(dark, inserted, 6))
+    assert (image.width, image.height, image.frame_count, image.all_frames_checked) == (
+        480,
+        640,
+        1,
+        True,
+    )
+    assert len(image.frames) == 2 and image.frames[1].pixels.shape[-2:] == (160, 120)  # rotated
+    assert image.frames[1].pixels.float().mean() > image.frames[0].pixels.float().mean()
 
 
 def test_empty_truncated_and_non_image_files_raise(tmp_path):

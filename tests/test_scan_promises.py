@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from nsfw_guard.cli import (
     EXIT_FILE_ERRORS,
@@ -29,7 +29,7 @@ from nsfw_guard.decode import decode_image
 from nsfw_guard.records import part_path, part_paths
 from nsfw_guard.scan import read_records
 
-from .conftest import PHOTO_PATHS, make_brightness_checkpoint
+from .conftest import PHOTO_PATHS, jpeg_with_exif_thumbnail, make_brightness_checkpoint
 from .processes import kill_tree
 
 
@@ -217,6 +217,28 @@ def test_a_sampled_animation_is_flagged_and_never_copied_as_clean(bright, tmp_pa
     assert (copies / "long.gif").read_bytes() == (folder / "long.gif").read_bytes()
     records = {Path(r["path"]).name: r for r in read_records(output)}
     assert not records["long.gif"]["sampled"] and not records["long.gif"]["flagged"]
+
+
+def test_an_exif_thumbnail_is_never_copied_unchecked(bright, tmp_path, capsys):
+    """A dark photo whose EXIF thumbnail is a bright picture of its own is flagged (and copied
+    censored, without it); one with a camera's thumbnail is copied clean, byte for byte."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    dark = Image.new("RGB", (640, 480), (20, 20, 20))
+    (folder / "camera.jpg").write_bytes(jpeg_with_exif_thumbnail(dark, dark.resize((160, 120))))
+    (folder / "other.jpg").write_bytes(
+        jpeg_with_exif_thumbnail(dark, Image.new("RGB", (160, 120), (250, 250, 250)))
+    )
+    copies, output = tmp_path / "copies", tmp_path / "r.jsonl"
+    args = ["--model", bright, "--output", output, "--censor-to", copies, "--copy-clean"]
+    assert _scan(capsys, folder, *args)[0] == EXIT_OK
+    records = {Path(r["path"]).name: r for r in read_records(output)}
+    assert not records["camera.jpg"]["flagged"] and records["other.jpg"]["level"] == "high"
+    assert records["other.jpg"]["frames"] == 1  # a still photo, with its thumbnail checked
+    assert (copies / "camera.jpg").read_bytes() == (folder / "camera.jpg").read_bytes()
+    assert CopyFolder(copies).kind(copies / "other.jpg") == "censored"
+    with Image.open(copies / "other.jpg") as copy:
+        assert copy.getexif().get_ifd(ExifTags.IFD.IFD1) == {}  # no thumbnail left
 
 
 def test_an_animation_damaged_past_its_first_frames_is_an_error_record(bright, tmp_path, capsys):

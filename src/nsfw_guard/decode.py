@@ -22,15 +22,18 @@ import io
 import math
 import os
 import stat
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import torch
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .inputs import ImageBatch, to_image_batches
+from .preprocess import WHITE, composite_alpha, to_unit_range
 
 __all__ = [
     "FILE_PIXELS_IN_FRAMES",
@@ -259,9 +262,11 @@ def _decode(
         width = height = 0
         for index in now:
             frame = _frame_at(image, positions[index])
+            batches = _to_batches(frame, target_size)
             if not frames:
                 width, height = frame.size
-            frames.extend(_to_batches(frame, target_size))
+                batches += _unlike_thumbnail(image, batches[0], target_size)
+            frames.extend(batches)
             del frame  # one full-size frame at a time
         return DecodedImage(
             frames=frames,
@@ -407,6 +412,69 @@ def _to_batches(frame: Image.Image, target_size: int | None) -> list[ImageBatch]
     elif mode not in _REDUCES:
         frame = frame.convert("RGBA" if frame.has_transparency_data else "RGB")
     return to_image_batches(frame.reduce(factor))
+
+
+def _unlike_thumbnail(
+    image: Image.Image, first: ImageBatch, target_size: int | None
+) -> list[ImageBatch]:
+    """The file's EXIF thumbnail as batches to check with its first frame, where it is not a
+    miniature of that frame (``first``): a picture of its own, which viewers and file browsers
+    show. None where it is a miniature (a camera's), absent, or undecodable (nothing can show
+    it)."""
+    thumbnail = _exif_thumbnail(image)
+    if thumbnail is None:
+        return []
+    batches = _to_batches(thumbnail, target_size)
+    shown, miniature = _seen(batches[0]), _seen(first)
+    miniature = torch.nn.functional.interpolate(miniature, shown.shape[-2:], mode="area")
+    differs = (shown - miniature).abs().amax(dim=1) > THUMBNAIL_PIXEL_DIFFERS
+    return batches if differs.float().mean() > THUMBNAIL_AREA_DIFFERS else []
+
+
+THUMBNAIL_PIXEL_DIFFERS = 0.25
+"""A thumbnail pixel differs from the image's miniature when a channel is off by this much."""
+THUMBNAIL_AREA_DIFFERS = 0.01
+"""A thumbnail is a picture of its own when more than this share of its pixels differ (JPEG
+artefacts and resampling stay far below; a 14x14 insert in a 160x120 thumbnail is above)."""
+
+
+def _exif_thumbnail(image: Image.Image) -> Image.Image | None:
+    """The EXIF thumbnail (IFD1's JPEG) of ``image``, oriented as the image is; ``None`` where
+    there is none or it cannot be decoded."""
+    exif = image.info.get("exif")
+    if not isinstance(exif, bytes):
+        return None
+    tiff = exif[6:] if exif.startswith(b"Exif\x00\x00") else exif
+    try:
+        parsed = image.getexif()
+        ifd1 = parsed.get_ifd(ExifTags.IFD.IFD1)
+        start, length = ifd1.get(_THUMBNAIL_OFFSET), ifd1.get(_THUMBNAIL_LENGTH)
+        if not isinstance(start, int) or not isinstance(length, int) or length <= 0:
+            return None
+        thumbnail = Image.open(io.BytesIO(tiff[start : start + length]))
+        thumbnail.load()
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+        return None
+    transpose = _TRANSPOSES.get(parsed.get(_EXIF_ORIENTATION, 1))
+    return thumbnail.transpose(transpose) if transpose is not None else thumbnail
+
+
+_THUMBNAIL_OFFSET, _THUMBNAIL_LENGTH = 0x0201, 0x0202  # JPEGInterchangeFormat(Length)
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _seen(batch: ImageBatch) -> torch.Tensor:
+    """``[1, 3, H, W]`` in [0, 1]: a batch as the detector sees it (alpha over white)."""
+    unit = composite_alpha(to_unit_range(batch.pixels, batch.value_range), WHITE)
+    return unit.expand(-1, 3, -1, -1).float()
 
 
 def _float_range(frame: Image.Image) -> str:
