@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import resource
+import signal
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -126,3 +130,18 @@ def jpeg_with_exif_thumbnail(
     out = io.BytesIO()
     image.save(out, "JPEG", exif=b"Exif\x00\x00" + tiff)
     return out.getvalue()
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """No file of this process may grow past ``limit`` bytes (RLIMIT_FSIZE), as on a full disk:
+    a write past it is cut short there, or fails with EFBIG (SIGXFSZ ignored: an error, not a
+    kill)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)

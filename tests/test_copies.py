@@ -4,16 +4,12 @@ manifest of the copies ``scan --censor-to`` wrote, through a full disk and kills
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import re
-import resource
-import signal
 import stat
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,8 @@ from nsfw_guard.check import CheckStep
 from nsfw_guard.cli import main
 from nsfw_guard.copies import MANIFEST_NAME, CopyFolder, save_censored
 from nsfw_guard.verdict_metadata import VERDICT_FORMATS, make_verdict, read_verdict
+
+from .conftest import file_size_limit
 
 VERDICT = make_verdict(
     model="Freepik/nsfw_image_detector",
@@ -114,20 +112,6 @@ def _manifest_lines(folder: CopyFolder) -> list[dict]:
     return [json.loads(line) for line in data.splitlines()]
 
 
-@contextlib.contextmanager
-def _file_size_limit(limit: int) -> Iterator[None]:
-    """No file of this process may grow past ``limit`` bytes, as on a full disk: a write is cut
-    short there, or fails with EFBIG (SIGXFSZ ignored, as Python does by default)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
-
-
 @pytest.mark.parametrize("room", [10, 0], ids=["cut-short", "not-written"])
 def test_a_manifest_line_the_disk_has_no_room_for_fails_that_copy_alone(tmp_path, room):
     """The line is cut short (``room`` bytes fit) or not written at all: its copy fails and is
@@ -137,7 +121,7 @@ def test_a_manifest_line_the_disk_has_no_room_for_fails_that_copy_alone(tmp_path
     folder = CopyFolder(out)
     folder.write_bytes(Path("old.png"), b"an earlier copy")
     before = folder.manifest.read_bytes()
-    with _file_size_limit(len(before) + room), pytest.raises(OSError) as failed:
+    with file_size_limit(len(before) + room), pytest.raises(OSError) as failed:
         folder.write_bytes(Path("a.png"), b"a")
     assert folder.manifest.read_bytes() == before
     expected = f"only {room} of [0-9]+ bytes of a line could be appended" if room else "too large"

@@ -5,12 +5,10 @@ another host name or from another site, nothing is shown or decided."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from nsfw_guard.access import LOOPBACK_HOSTS
 from nsfw_guard.records import RECORD_FIELDS, RecordFile
 from nsfw_guard.review import Decisions, create_app, decisions_path
 
-from .conftest import PHOTO_PATHS
+from .conftest import PHOTO_PATHS, file_size_limit
 
 
 def record(path: str, level: str, score: float, **values) -> dict:
@@ -438,21 +436,6 @@ def test_cut_lines_set_aside_twice_are_both_kept(tmp_path):
     assert (tmp_path / "r.decisions.jsonl.cut-line-2").read_bytes() == b'{"path": "/d'
 
 
-@contextlib.contextmanager
-def _file_size_limit(size: int):
-    """Files of this process grow to ``size`` bytes at most (RLIMIT_FSIZE): a write past it
-    is cut short there, or fails with EFBIG, as on a full disk."""
-    resource = pytest.importorskip("resource")
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a kill
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, ignored)
-
-
 def test_a_decision_that_does_not_fit_is_an_error_and_leaves_no_cut_line(tmp_path):
     """No room for a decision (part of its line fits, or none): a 507, the file cut back to
     its whole lines, the record still undecided; with room again the next decision is a line
@@ -465,7 +448,7 @@ def test_a_decision_that_does_not_fit_is_an_error_and_leaves_no_cut_line(tmp_pat
     path.write_bytes(earlier)
     client = TestClient(create_app(results))
     for room in (10, 0):  # a write cut short, then one that writes nothing (EFBIG)
-        with _file_size_limit(len(earlier) + room):
+        with file_size_limit(len(earlier) + room):
             refused = client.post("/api/decisions", json={"index": 0, "decision": "reject"})
         assert refused.status_code == 507, refused.text
         assert "the decision was not saved" in refused.json()["error"]["message"]
