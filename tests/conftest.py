@@ -145,3 +145,16 @@ def file_size_limit(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def tiny_frames_on_a_huge_canvas(side: int, count: int) -> bytes:
+    """A GIF of ``count`` 1x1 frames on a ``side x side`` canvas (a few bytes a frame), written by
+    hand: Pillow would store whole frames."""
+    gif = bytearray(b"GIF89a" + side.to_bytes(2, "little") * 2 + bytes([0xF0, 0, 0]))
+    gif += bytes([0, 0, 0, 255, 255, 255])  # two colours
+    for i in range(count):
+        gif += b"\x21\xf9\x04\x04\x01\x00\x00\x00"  # disposal: keep, 10 ms
+        left, top = (i % side).to_bytes(2, "little"), (i // side % side).to_bytes(2, "little")
+        gif += b"\x2c" + left + top + (1).to_bytes(2, "little") * 2 + b"\x00"
+        gif += bytes([2, 2, 0x44, 0x01, 0])  # one pixel, LZW-coded
+    return bytes(gif + b"\x3b")

@@ -12,6 +12,7 @@ import stat
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
@@ -100,6 +101,45 @@ def test_a_verdict_that_is_not_valid_is_refused_before_anything_is_written(blank
     with pytest.raises(ValueError, match="level: 'extreme' is not one of"):
         save_censored(original.getvalue(), target, blank, {**VERDICT, "level": "extreme"})
     assert target.getvalue() == b""
+
+
+def test_frames_that_cannot_be_checked_are_blanked_whatever_the_action(detector):
+    """NaN pixels (a float TIFF): the verdict cannot stand, so the copy is blanked, not blurred or
+    censored in regions (whose re-check would score the NaN-free version as clean)."""
+    pixels = np.full((48, 64), 0.8, dtype=np.float32)
+    pixels[10:14, 10:14] = np.nan
+    original = io.BytesIO()
+    Image.fromarray(pixels, mode="F").save(original, "TIFF")
+    for action in ("blur", "regions"):
+        step = CheckStep(detector.scorer, action=action, threshold=0.0)
+        saved = io.BytesIO()
+        save_censored(original.getvalue(), saved, step, VERDICT)
+        with Image.open(saved) as image:
+            assert max(image.convert("L").getextrema()) == 0, action
+
+
+def test_an_animation_is_censored_whole_frame_by_frame_with_regions(detector):
+    """Regions cost some 50 forwards a frame: an animation's frames get the regions' own censor
+    over the whole frame (a blur here), as the whole-frame step gives them."""
+    frames = [Image.new("RGB", (48, 48), (40 * i, 200, 90)) for i in range(4)]
+    for frame in frames:
+        frame.paste((255, 255, 255), (8, 8, 24, 24))
+    original = io.BytesIO()
+    frames[0].save(original, "GIF", save_all=True, append_images=frames[1:])
+    regions = CheckStep(detector.scorer, action="regions", threshold=0.0)
+    blur = CheckStep(detector.scorer, action="blur", threshold=0.0)
+    assert regions.whole_frames().censor_params == blur.censor_params
+    by_regions, by_blur = io.BytesIO(), io.BytesIO()
+    save_censored(original.getvalue(), by_regions, regions, VERDICT)
+    save_censored(original.getvalue(), by_blur, blur, VERDICT)
+    with Image.open(by_regions) as got, Image.open(by_blur) as expected:
+        assert got.n_frames == expected.n_frames == 4
+        for index in range(4):
+            got.seek(index)
+            expected.seek(index)
+            assert np.array_equal(
+                np.asarray(got.convert("RGB")), np.asarray(expected.convert("RGB"))
+            )
 
 
 # The manifest of copies -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import socket
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from nsfw_guard.decode import (
 from nsfw_guard.inputs import ImageBatch, to_image_batches
 from nsfw_guard.preprocess import WHITE, composite_alpha, to_unit_range
 
-from .conftest import PHOTO_PATHS, jpeg_with_exif_thumbnail
+from .conftest import PHOTO_PATHS, jpeg_with_exif_thumbnail, tiny_frames_on_a_huge_canvas
 
 CHELSEA = next(path for path in PHOTO_PATHS if path.name == "chelsea.jpg")
 MODES = [
@@ -346,30 +347,17 @@ def test_decompression_bombs_are_errors(side, tmp_path):
         decode_file(path)
 
 
-def _tiny_frames_on_a_huge_canvas(side: int, count: int) -> bytes:
-    """A GIF of ``count`` 1x1 frames on a ``side x side`` canvas (a few bytes a frame), written by
-    hand: Pillow would store whole frames."""
-    gif = bytearray(b"GIF89a" + side.to_bytes(2, "little") * 2 + bytes([0xF0, 0, 0]))
-    gif += bytes([0, 0, 0, 255, 255, 255])  # two colours
-    for i in range(count):
-        gif += b"\x21\xf9\x04\x04\x01\x00\x00\x00"  # disposal: keep, 10 ms
-        left, top = (i % side).to_bytes(2, "little"), (i // side % side).to_bytes(2, "little")
-        gif += b"\x2c" + left + top + (1).to_bytes(2, "little") * 2 + b"\x00"
-        gif += bytes([2, 2, 0x44, 0x01, 0])  # one pixel, LZW-coded
-    return bytes(gif + b"\x3b")
-
-
 def test_a_small_file_of_many_frames_on_a_huge_canvas_is_a_bomb_too():
     """Every frame is decoded whole: 4,000 frames of 6000x6000 (each under Pillow's limit) would
     take a quarter of an hour. It is an error at once, whether decoded or streamed."""
-    data = _tiny_frames_on_a_huge_canvas(6000, 4000)
+    data = tiny_frames_on_a_huge_canvas(6000, 4000)
     assert len(data) < 100_000 and Image.MAX_IMAGE_PIXELS > 6000 * 6000
     message = r"4000 frames of 6000x6000 are 144000000000 pixels to decode, more than a file"
     with pytest.raises(Image.DecompressionBombError, match=message):
         decode_image(data, max_frames=4)
     with pytest.raises(Image.DecompressionBombError, match=message):
         next(iter_frames(data, [3999]))
-    image = decode_image(_tiny_frames_on_a_huge_canvas(600, 400), max_frames=2)
+    image = decode_image(tiny_frames_on_a_huge_canvas(600, 400), max_frames=2)
     assert image.frame_count == 400 and (image.width, image.height) == (600, 600)
 
 
@@ -391,6 +379,20 @@ def test_an_exif_thumbnail_unlike_its_image_is_checked_with_it():
     )
     assert len(image.frames) == 2 and image.frames[1].pixels.shape[-2:] == (160, 120)  # rotated
     assert image.frames[1].pixels.float().mean() > image.frames[0].pixels.float().mean()
+
+
+def test_a_psd_is_checked_as_its_composite_image():
+    """Pillow opens a PSD on its composite (what viewers show) and counts only layers as
+    frames: none in a flattened file, which decoded to no frame at all."""
+    rgb = np.zeros((30, 40, 3), np.uint8)
+    rgb[..., 0] = 200
+    header = b"8BPS" + struct.pack(">H6sHIIHH", 1, b"\0" * 6, 3, 30, 40, 8, 3)
+    data = header + struct.pack(">III", 0, 0, 0) + struct.pack(">H", 0)  # raw, no layers
+    data += b"".join(rgb[..., channel].tobytes() for channel in range(3))
+    image = decode_image(data)
+    assert (image.format, image.frame_count, image.width, image.height) == ("PSD", 1, 40, 30)
+    assert image.frames[0].pixels.flatten(2).float().mean(2).tolist() == [[200.0, 0.0, 0.0]]
+    assert [frame.size for frame in iter_frames(data)] == [(40, 30)]
 
 
 def test_empty_truncated_and_non_image_files_raise(tmp_path):

@@ -27,7 +27,7 @@ from PIL import Image, ImageSequence
 
 from nsfw_guard import NSFWDetector, read_verdict
 
-from .conftest import PHOTO_PATHS
+from .conftest import PHOTO_PATHS, tiny_frames_on_a_huge_canvas
 from .processes import descendants, wait_gone
 
 KEY = "test-key-123"
@@ -292,6 +292,18 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
         ("/v1/moderate?level=extreme", {"content": photo, "headers": jpeg}, 400, "level"),
         ("/v1/moderate?threshold=2", {"content": photo, "headers": jpeg}, 400, "threshold"),
         ("/v1/moderate?threshold=nan", {"content": photo, "headers": jpeg}, 400, "threshold"),
+        (  # a JSON integer too large for a float
+            "/v1/moderate",
+            {"json": {"images": [base64.b64encode(photo).decode()], "threshold": 10**400}},
+            400,
+            "threshold",
+        ),
+        (  # each frame under Pillow's limit, all of them far over it
+            "/v1/moderate",
+            {"content": tiny_frames_on_a_huge_canvas(6000, 4000), "headers": jpeg},
+            413,
+            "4000 frames of 6000x6000",
+        ),
         ("/v1/censor?action=melt", {"content": photo, "headers": jpeg}, 400, "action"),
         # The map route: the same gate and worker, each failure its own 4xx.
         ("/v1/map", {"content": b"not an image", "headers": jpeg}, 422, "not an image"),
@@ -412,6 +424,15 @@ def test_the_map_route_gives_the_overlay_of_the_servers_model_and_none_of_the_pi
     assert response.headers["x-nsfw-map-frame"] == "0" == str(expected.frame)
     assert httpx.post(server + "/v1/map", content=data).status_code == 401
     assert httpx.get(server + "/v1/map", headers=AUTH).status_code == 405
+
+
+def test_one_image_routes_take_json_with_one_image(server):
+    """/v1/censor and /v1/map take ``{"image": base64}`` as well as ``{"images": [base64]}``."""
+    encoded = base64.b64encode(PHOTO_PATHS[0].read_bytes()).decode()
+    for path in ("/v1/censor", "/v1/map"):
+        response = post(server, path, json={"image": encoded})
+        assert response.status_code == 200, (path, response.text[:300])
+        assert response.headers["content-type"].startswith("image/")
 
 
 def test_a_bad_image_in_a_batch_fails_only_its_own_request(server):

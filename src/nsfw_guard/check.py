@@ -215,6 +215,28 @@ class CheckStep(nn.Module):
             censored = from_unit_range(censored, images, value_range)
         return torch.where(flags[:, None, None, None], censored.to(images.dtype), images)
 
+    def whole_frames(self) -> CheckStep:
+        """This step, censoring whole images: for ``action="regions"``, its ``censor`` action
+        (with its ``radius`` or ``block_size``) over the whole image; else the step itself.
+
+        Example:
+            >>> CheckStep(detector.scorer, action="regions").whole_frames().action
+            'blur'
+        """
+        if self.action != "regions":
+            return self
+        params = self.censor_params
+        return CheckStep(
+            self.scorer,
+            level=self.level,
+            threshold=self.threshold,
+            action=params["censor"],
+            censor_params={
+                name: params[name] for name in ("radius", "block_size") if name in params
+            },
+            fill_color=self.fill_color,
+        )
+
     def censor_regions(self, unit: Tensor, verifiable: Tensor) -> Tensor:
         """``action="regions"``: ``[B, 3, H, W]`` images in [0, 1] with only the regions that
         made them flagged censored, or censored whole wherever that did not clear the flag.

@@ -238,21 +238,28 @@ def save_censored(
     ``path`` (a file name or a binary file), one frame in memory as floats at a time, in the
     image's own format where Pillow can write RGB in it (else PNG: an XBM, MSP or BLP image, a
     format Pillow only reads), with ``verdict`` (:func:`~nsfw_guard.verdict_metadata.make_verdict`)
-    in its metadata where the format can carry it. Returns the format written."""
+    in its metadata where the format can carry it. A frame with NaN or Inf pixels is blanked,
+    whatever the action; an animation's frames are censored whole (``action="regions"``: with
+    its ``censor`` action), as regions would cost some 50 forwards a frame. Returns the format
+    written."""
     verdict = validate_verdict(verdict)  # a bad verdict fails here, not as a format Pillow lacks
+    with Image.open(io.BytesIO(data)) as original:
+        fmt, duration = original.format, original.info.get("duration", 100)
+        animated = getattr(original, "n_frames", 1) > 1
+    # Regions cost some 50 forwards a frame: an animation's frames are censored whole.
+    step = step.whole_frames() if animated else step
     frames = []
+    flagged = torch.ones(1, dtype=torch.bool)
     for frame in iter_frames(data):
         batch = to_image_batches(frame)[0]
+        verifiable = torch.isfinite(batch.pixels).all().view(1)  # else blanked, whatever the action
         # What the detector saw: alpha composited over white, gray as RGB; then censored.
         unit = composite_alpha(to_unit_range(batch.pixels, batch.value_range), WHITE)
         unit = unit.expand(-1, 3, -1, -1)
-        flagged = torch.ones(1, dtype=torch.bool)  # to_unit_range made NaN pixels 0: verifiable
-        censored = step.censor(unit, flagged, flagged, "0,1")
+        censored = step.censor(unit, flagged, verifiable, "0,1")
         array = (censored[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
         frames.append(Image.fromarray(array.numpy()))
         del batch, unit, censored
-    with Image.open(io.BytesIO(data)) as original:
-        fmt, duration = original.format, original.info.get("duration", 100)
     fmt = "JPEG" if fmt == "MPO" else fmt if fmt in Image.SAVE else "PNG"
     try:
         encoded = _encode(frames, fmt, verdict, duration)

@@ -39,6 +39,7 @@ __all__ = [
     "FILE_PIXELS_IN_FRAMES",
     "DecodedImage",
     "NotARegularFile",
+    "count_frames",
     "decode_file",
     "decode_frames",
     "decode_image",
@@ -334,15 +335,34 @@ def iter_frames(data: bytes, indices: Sequence[int] | None = None) -> Iterator[I
             yield frame
 
 
+def count_frames(image: Image.Image) -> int:
+    """How many frames of the open ``image`` :func:`decode_image` checks (an icon's sizes count
+    as frames); raises ``DecompressionBombError`` where they add up to more pixels than a file
+    may hold (see :data:`FILE_PIXELS_IN_FRAMES`).
+
+    Example:
+        >>> with Image.open("tests/data/chelsea.jpg") as image:
+        ...     count_frames(image)
+        1
+    """
+    return len(_positions(image))
+
+
 def _positions(image: Image.Image) -> list[int | tuple[int, ...]]:
     """Where the frames are: frame numbers, or for icons (ICO, ICNS) the sizes they hold,
-    each a picture of its own (a small one need not be the large one scaled down).
+    each a picture of its own (a small one need not be the large one scaled down); for a PSD
+    its composite image, what viewers show (its layers are not read).
 
     Raises ``DecompressionBombError`` for a file whose frames hold more than
     :data:`FILE_PIXELS_IN_FRAMES` times Pillow's pixel limit in all: each frame is decoded
     whole, so a small file of many frames on a large canvas could take hours."""
     sizes = image.info.get("sizes") if image.format in ("ICO", "ICNS") else None
-    positions = sorted(sizes) if sizes else list(range(getattr(image, "n_frames", 1)))
+    if sizes:
+        positions = sorted(sizes)
+    elif image.format == "PSD":  # its composite, loaded on open (Pillow's "frames" are layers)
+        positions = [image.tell()]
+    else:
+        positions = list(range(getattr(image, "n_frames", 1)))
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None:
         pixels = (

@@ -60,8 +60,9 @@ from starlette.responses import JSONResponse, Response
 from . import DEFAULT_MODEL, censor
 from .access import bearer_matches, wrong_host
 from .check import CheckStep
+from .decode import count_frames
 from .levels import NSFWLevel
-from .prepared import Prepared, check_prepared, prepare_bytes
+from .prepared import FRAME_CHUNK, Prepared, check_prepared, prepare_bytes
 
 __all__ = ["ACTIONS", "LEVELS", "ModerationAPI", "RequestGate", "ServeSettings", "build_server"]
 
@@ -455,7 +456,8 @@ def _json_images(body: bytes, kind: str) -> tuple[list[bytes], dict[str, Any]]:
     if not isinstance(value, dict):
         raise BadRequest(400, 'the JSON body must be an object: {"images": [base64, ...]}')
     if kind in _ONE_IMAGE and "image" in value:
-        value = {**value, "images": [value.pop("image")]}
+        value = dict(value)
+        value["images"] = [value.pop("image")]
     encoded = value.pop("images", None)
     if not isinstance(encoded, list):
         raise BadRequest(400, '"images" must be a list of base64 strings')
@@ -493,7 +495,7 @@ def _level(value: Any) -> str:
 def _threshold(value: Any) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a 400-digit JSON integer overflows
         number = math.nan
     if isinstance(value, bool) or not 0.0 <= number <= 1.0:
         raise BadRequest(400, f"threshold {_quoted(value)}: expected a number in [0, 1]")
@@ -516,11 +518,15 @@ def _check_images(images: list[bytes]) -> None:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 pixels = image.width * image.height
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and pixels > limit:
+                    message = f"has {pixels} pixels, over the limit of {limit}"
+                    raise Image.DecompressionBombError(message)
+                count_frames(image)  # frames adding up to too many pixels
+        except Image.DecompressionBombError as error:
+            raise BadRequest(413, f"images[{index}] {error}") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise BadRequest(422, f"images[{index}] is not an image Pillow can read: {e}") from None
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and pixels > limit:
-            raise BadRequest(413, f"images[{index}] has {pixels} pixels, over the limit of {limit}")
 
 
 # The worker: one batched, in-graph check ----------------------------------------------------------
@@ -594,21 +600,27 @@ class ModerationAPI(ls.LitAPI):
         preprocess = self.scorer.preprocess
         max_frames = self.settings.max_frames or None
 
-        def prepare(data: bytes) -> Prepared | str:
+        def prepare(data: bytes, chunk: int) -> Prepared | Exception:
             try:
-                return prepare_bytes(data, preprocess, max_frames=max_frames)
+                return prepare_bytes(data, preprocess, max_frames=max_frames, chunk=chunk)
             except Exception as error:  # a file cut short, or odd inside
-                return f"{type(error).__name__}: {error}".strip()
+                return error
 
-        flat = [data for job in jobs for data in job.images]
-        prepared = list(self.pool.map(prepare, flat))
+        # A request's images share one chunk of frames held at once; the rest are streamed.
+        flat = [
+            (data, max(1, FRAME_CHUNK // len(job.images))) for job in jobs for data in job.images
+        ]
+        prepared = list(self.pool.map(lambda item: prepare(*item), flat))
         position = 0
         for job in jobs:
             results = prepared[position : position + len(job.images)]
             position += len(job.images)
-            bad = next(((i, r) for i, r in enumerate(results) if isinstance(r, str)), None)
+            bad = next(((i, r) for i, r in enumerate(results) if isinstance(r, Exception)), None)
             if bad is not None:
-                job.error = f"images[{bad[0]}] could not be decoded: {bad[1]}"
+                index, error = bad
+                reason = f"{type(error).__name__}: {error}".strip()
+                job.error = f"images[{index}] could not be decoded: {reason}"
+                job.status = 413 if isinstance(error, Image.DecompressionBombError) else 422
             else:
                 job.prepared = results
         decoded = [job for job in jobs if job.error is None]
