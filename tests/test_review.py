@@ -383,6 +383,18 @@ def test_without_its_key_nothing_is_shown_or_decided(one_photo):
         assert stranger.get("/api/records", headers={**bearer, "Host": name}).status_code == 200
 
 
+def test_every_loopback_address_answers_only_to_loopback_names():
+    """review --host 127.0.0.2 is as local as 127.0.0.1: DNS rebinding is refused there too."""
+    from nsfw_guard.access import allowed_hosts, wrong_host
+
+    for bind in ("127.0.0.1", "127.0.0.2", "127.8.9.10", "::1", "[::1]", "localhost"):
+        hosts = allowed_hosts(bind)
+        assert hosts is not None and wrong_host("evil.example:8001", hosts), bind
+        address = bind.strip("[]")
+        assert wrong_host(f"[{address}]:8001" if ":" in address else f"{bind}:8001", hosts) is None
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("192.168.1.5") is None
+
+
 # A kill mid-append, spreadsheets, odd indices, animations --------------------------------------
 
 

@@ -10,6 +10,7 @@ requests for the loopback names refuses them.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 __all__ = [
     "LOOPBACK_HOSTS",
@@ -27,8 +28,8 @@ LOOPBACK_HOSTS = frozenset(["127.0.0.1", "localhost", "::1"])
 def allowed_hosts(bind: str, names: str | None = None) -> frozenset[str] | None:
     """The host names a server listening on ``bind`` answers to (``None``: any). ``names`` adds
     some, comma-separated (the name a reverse proxy passes on, say); ``*``: any. Without
-    ``names``, a server on this machine only answers to :data:`LOOPBACK_HOSTS`, any other to
-    any name.
+    ``names``, a server on this machine only (any loopback address) answers to
+    :data:`LOOPBACK_HOSTS` and its own address, any other to any name.
 
     Example:
         >>> sorted(allowed_hosts("127.0.0.1"))
@@ -37,11 +38,23 @@ def allowed_hosts(bind: str, names: str | None = None) -> frozenset[str] | None:
         (True, True)
         >>> sorted(allowed_hosts("0.0.0.0", "Review.Example.com"))
         ['127.0.0.1', '::1', 'localhost', 'review.example.com']
+        >>> sorted(allowed_hosts("127.0.0.2"))  # any loopback address
+        ['127.0.0.1', '127.0.0.2', '::1', 'localhost']
     """
     given = frozenset(name.strip().lower() for name in (names or "").split(",") if name.strip())
-    if "*" in given or (not given and bind not in LOOPBACK_HOSTS):
+    local = _is_loopback(bind)
+    if "*" in given or (not given and not local):
         return None
-    return LOOPBACK_HOSTS | given
+    return LOOPBACK_HOSTS | given | ({bind.strip("[]").lower()} if local else set())
+
+
+def _is_loopback(bind: str) -> bool:
+    """Whether ``bind`` is an address (or name) of this machine only: 127.0.0.0/8, ::1,
+    localhost."""
+    try:
+        return ipaddress.ip_address(bind.strip("[]")).is_loopback
+    except ValueError:
+        return bind.lower() in LOOPBACK_HOSTS
 
 
 def host_name(header: str) -> str:
