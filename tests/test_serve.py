@@ -435,6 +435,35 @@ def test_one_image_routes_take_json_with_one_image(server):
         assert response.headers["content-type"].startswith("image/")
 
 
+def test_litserves_own_errors_come_in_the_services_error_shape():
+    """A request that waited past LitServe's timeout gets its 504 as every other error comes,
+    ``{"error": {"status", "message"}}``; the worker's own errors and answers pass as they are."""
+    from starlette.responses import JSONResponse, Response
+    from starlette.testclient import TestClient
+
+    from nsfw_guard.serve import RequestGate, ServeSettings
+
+    answers = [
+        JSONResponse({"detail": "Request timed out"}, 504),
+        JSONResponse({"error": {"status": 422, "message": "odd"}}, 422),
+        Response(b"\x89PNG", media_type="image/png"),
+    ]
+
+    async def litserve(scope, receive, send):  # answers as LitServe does, one after the other
+        await answers.pop(0)(scope, receive, send)
+
+    client = TestClient(RequestGate(litserve, ServeSettings()))
+    photo = {"content": PHOTO_PATHS[0].read_bytes(), "headers": {"content-type": "image/jpeg"}}
+    timed_out = client.post("/v1/moderate", **photo)
+    assert timed_out.status_code == 504
+    assert timed_out.json() == {
+        "error": {"status": 504, "message": "Request timed out: the server is busy; try again"}
+    }
+    worker_error = client.post("/v1/censor", **photo)
+    assert worker_error.json() == {"error": {"status": 422, "message": "odd"}}
+    assert client.post("/v1/map", **photo).content == b"\x89PNG"
+
+
 def test_a_bad_image_in_a_batch_fails_only_its_own_request(server):
     """A file cut short is found only when the worker decodes it: the requests batched with
     it are answered as usual."""

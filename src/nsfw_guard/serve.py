@@ -126,6 +126,38 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": {"status": status, "message": message}}, status, headers)
 
 
+def _in_error_shape(scope: Scope, receive: Receive, send: Send) -> Send:
+    """``send``, with LitServe's own error answers (``{"detail": ...}``: a request that waited
+    past its timeout, 504) rewritten as the service's ``{"error": {"status", "message"}}``."""
+    failed: dict[str, Any] = {}
+
+    async def send_in_shape(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            failed.update(start=message, status=message["status"], body=b"")
+            return
+        if not failed:
+            await send(message)
+            return
+        failed["body"] += message.get("body", b"")
+        if message.get("more_body"):
+            return
+        try:
+            answer = json.loads(failed["body"])
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and "error" in answer:  # the worker's own: as it is
+            await send(failed["start"])
+            await send({"type": "http.response.body", "body": failed["body"]})
+            return
+        detail = answer.get("detail") if isinstance(answer, dict) else None
+        text = str(detail or failed["body"][:200].decode("utf-8", "replace"))
+        if failed["status"] == 504:
+            text = f"{text}: the server is busy; try again"
+        await _error(failed["status"], text)(scope, receive, send)
+
+    return send_in_shape
+
+
 # Metrics: every process writes its own (prometheus_client's multiprocess mode) --------------------
 
 
@@ -203,7 +235,7 @@ class RequestGate:
             if isinstance(answer, Response):
                 await answer(scope, receive, send_and_note)
             else:  # on to LitServe, with the body to read (rewritten for the worker)
-                await self.app(scope, answer, send_and_note)
+                await self.app(scope, answer, _in_error_shape(scope, receive, send_and_note))
         finally:
             metrics = _metrics()
             metrics.requests.labels(route, str(status)).inc()
