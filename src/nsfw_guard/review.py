@@ -7,8 +7,9 @@ ten. Each decision (approve or reject, made with the keyboard or a click) is app
 to the decisions file beside the records (:func:`decisions_path`; the image's path, member,
 realpath, bytes and mtime, the decision, the time: one ``O_APPEND`` write and an ``fsync`` per
 decision, or none and an error when the disk is full), which the page reads back on reload. A
-decision is about the version of the file the reviewer saw (:func:`decision_key`): a record of
-another file with the same path, or of the file changed and scanned again, is undecided.
+decision is about the version of the file the reviewer saw (as ``scan --resume`` tells versions
+apart, :func:`~nsfw_guard.records.record_key`): a record of another file with the same path, or
+of the file changed and scanned again, is undecided.
 ``/decisions.csv`` exports the latest decision per record.
 
 Only the images the records name are ever read, by their index in the records: no route takes
@@ -59,7 +60,7 @@ from .inputs import ImageBatch
 from .levels import parse_check_level
 from .own_files import append_line
 from .preprocess import WHITE, composite_alpha, to_unit_range
-from .records import read_records
+from .records import read_records, record_key
 from .scoring import NSFWScorer
 from .sources import ScanInput, find_images, read_input
 
@@ -69,7 +70,6 @@ __all__ = [
     "ReviewApp",
     "ReviewGate",
     "create_app",
-    "decision_key",
     "decisions_path",
 ]
 
@@ -83,7 +83,8 @@ _LINE_START = b'{"path": '
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 DecisionKey = tuple[str, int, float, str | None]
-"""``(realpath or path, bytes, mtime, member)``: see :func:`decision_key`."""
+"""``(realpath, bytes, mtime, member)``: the image version a record or a decision is about, as
+``scan --resume`` tells versions apart (:func:`~nsfw_guard.records.record_key`)."""
 
 
 def decisions_path(results: str | os.PathLike) -> Path:
@@ -108,23 +109,10 @@ def decisions_path(results: str | os.PathLike) -> Path:
     return by_stem if earlier and not results.with_suffix(".jsonl").exists() else by_name
 
 
-def decision_key(entry: Mapping[str, Any]) -> DecisionKey:
-    """Which version of which image a record, or a decision, is about: ``(realpath, bytes,
-    mtime, member)``, as ``scan --resume`` tells them apart (``path`` for a record without a
-    ``realpath``).
-
-    Example:
-        >>> decision_key({"path": "a.jpg", "realpath": "/data/a.jpg", "bytes": 10, "mtime": 1})
-        ('/data/a.jpg', 10, 1.0, None)
-    """
-    path = entry.get("realpath") or entry["path"]
-    return (path, int(entry["bytes"]), float(entry["mtime"]), entry.get("member"))
-
-
 class Decisions:
     """The decisions file: appended to, one line per decision, never rewritten.
 
-    ``latest()``: the latest decision per image version (:func:`decision_key`); ``path_only``:
+    ``latest()``: the latest decision per image version (:data:`DecisionKey`); ``path_only``:
     the latest per ``(path, member)`` of the lines written before decisions named the version.
 
     Example:
@@ -132,7 +120,7 @@ class Decisions:
         >>> decisions = Decisions(Path(tempfile.mkdtemp()) / "r.decisions.jsonl")
         >>> image = {"path": "a.jpg", "realpath": "/data/a.jpg", "bytes": 10, "mtime": 1.5}
         >>> _ = decisions.add(image, "reject")
-        >>> decisions.latest()[decision_key(image)]["decision"]
+        >>> decisions.latest()[record_key(image)]["decision"]
         'reject'
     """
 
@@ -177,7 +165,7 @@ class Decisions:
 
     def _keep(self, entry: dict[str, Any]) -> None:
         if "bytes" in entry:
-            self._latest[decision_key(entry)] = entry
+            self._latest[record_key(entry)] = entry
         else:  # written before decisions named the version
             self.path_only[(entry["path"], entry.get("member"))] = entry
 
@@ -229,7 +217,7 @@ class Decisions:
             "time": time.time(),
         }
         append_line(self.path, (json.dumps(entry, ensure_ascii=True) + "\n").encode())
-        self._latest[decision_key(entry)] = entry
+        self._latest[record_key(entry)] = entry
         return entry
 
 
@@ -294,9 +282,9 @@ class _Item:
     index: int
     record: dict[str, Any]
 
-    @property
+    @functools.cached_property
     def key(self) -> DecisionKey:
-        return decision_key(self.record)
+        return record_key(self.record)
 
     @property
     def name(self) -> tuple[str, str | None]:
