@@ -37,7 +37,7 @@ from PIL import Image
 from .check import CheckStep
 from .decode import iter_frames
 from .inputs import to_image_batches
-from .own_files import append_line, new_temporary_file
+from .own_files import append_line, glued_lines, new_temporary_file
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .verdict_metadata import validate_verdict, verdict_save_options
 
@@ -50,9 +50,8 @@ class CopyConflict(ValueError):
     """A copy would replace a file this tool did not write (or two inputs one copy)."""
 
 
-_LINE_START = '{"path": '
-"""How every manifest line starts (``path`` is its first key); inside a line it occurs nowhere
-else, as JSON strings escape their quotes."""
+_LINE_START = b'{"path": '
+"""How every manifest line starts (``path`` is its first key)."""
 
 
 @dataclass(frozen=True)
@@ -205,24 +204,21 @@ class CopyFolder:
         if not self.manifest.is_file():
             return
         bad = 0
-        with self.manifest.open(encoding="utf-8", errors="surrogateescape") as file:
-            for line in file:
-                start = line.rfind(_LINE_START)
-                if start > 0:  # a cut line, then a whole one
-                    bad += 1
-                    line = line[start:]
-                try:
-                    item = json.loads(line)
-                    key = str(item["path"])
-                    if Path(key).is_absolute() or os.pardir in Path(key).parts:
-                        raise ValueError(f"{key}: not a path inside the folder")
-                    entry = _Entry(int(item["size"]), int(item["mtime_ns"]), item["censored"])
-                    if not isinstance(entry.censored, bool):
-                        raise TypeError("censored: not true or false")
-                except (ValueError, TypeError, KeyError):
-                    bad += 1
-                    continue
-                self._add(key, entry)
+        with self.manifest.open("rb") as file:
+            lines = [piece for line in file for piece in glued_lines(line, _LINE_START)]
+        for line in lines:  # a line cut short is one of its own: unreadable
+            try:
+                item = json.loads(line)
+                key = str(item["path"])
+                if Path(key).is_absolute() or os.pardir in Path(key).parts:
+                    raise ValueError(f"{key}: not a path inside the folder")
+                entry = _Entry(int(item["size"]), int(item["mtime_ns"]), item["censored"])
+                if not isinstance(entry.censored, bool):
+                    raise TypeError("censored: not true or false")
+            except (ValueError, TypeError, KeyError):
+                bad += 1
+                continue
+            self._add(key, entry)
         if bad:
             warnings.warn(
                 f"{self.manifest}: {bad} unreadable line(s) ignored; the copies they listed "

@@ -8,10 +8,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import secrets
 from pathlib import Path
 
-__all__ = ["append_line", "new_temporary_file"]
+__all__ = ["append_line", "glued_lines", "new_temporary_file"]
 
 
 def append_line(path: str | os.PathLike, line: bytes) -> None:
@@ -53,6 +54,19 @@ def append_line(path: str | os.PathLike, line: bytes) -> None:
             raise
     finally:
         os.close(descriptor)
+
+
+def glued_lines(line: bytes, start: bytes) -> list[bytes]:
+    """The lines one line of a file holds when appends went on after a line cut short (a full
+    disk, before :func:`append_line` ended cut lines): ``line`` split before each ``start``,
+    how every line of the file begins (a JSON object's first key, which JSON strings, escaping
+    their quotes, cannot hold).
+
+    Example:
+        >>> glued_lines(b'{"path": "a.j{"path": "b.jpg"}\\n', b'{"path": ')
+        [b'{"path": "a.j', b'{"path": "b.jpg"}\\n']
+    """
+    return [piece for piece in re.split(b"(?=" + re.escape(start) + b")", line) if piece]
 
 
 def new_temporary_file(folder: str | os.PathLike, prefix: str) -> tuple[int, Path]:

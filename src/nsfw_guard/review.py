@@ -35,7 +35,6 @@ import io
 import itertools
 import json
 import os
-import re
 import time
 import warnings
 from collections import Counter, OrderedDict, defaultdict
@@ -58,7 +57,7 @@ from .access import bearer_matches, same_key, wrong_host
 from .decode import decode_frames
 from .inputs import ImageBatch
 from .levels import parse_check_level
-from .own_files import append_line
+from .own_files import append_line, glued_lines
 from .preprocess import WHITE, composite_alpha, to_unit_range
 from .records import read_records, record_key
 from .scoring import NSFWScorer
@@ -260,7 +259,7 @@ def _glued_decisions(line: bytes) -> list[dict[str, Any]]:
         [{'path': 'a.jpg', 'decision': 'reject', 'time': 1}]
     """
     decisions = []
-    for part in filter(None, re.split(rb'(?={"path": )', line)):
+    for part in glued_lines(line, _LINE_START):
         entry = _decision(part)
         if entry is not None:
             decisions.append(entry)
