@@ -225,17 +225,22 @@ class CheckStep(nn.Module):
         """
         if self.action != "regions":
             return self
-        params = self.censor_params
+        action, params = self._whole_censor()
         return CheckStep(
             self.scorer,
             level=self.level,
             threshold=self.threshold,
-            action=params["censor"],
-            censor_params={
-                name: params[name] for name in ("radius", "block_size") if name in params
-            },
+            action=action,
+            censor_params=params,
             fill_color=self.fill_color,
         )
+
+    def _whole_censor(self) -> tuple[censor.Action, dict[str, Any]]:
+        """``action="regions"``'s own censor (``"blur"`` or ``"pixelate"``) and its parameters:
+        what a whole image gets where no region clears its flag."""
+        params = self.censor_params
+        kept = {name: params[name] for name in ("radius", "block_size") if name in params}
+        return params["censor"], kept
 
     def censor_regions(self, unit: Tensor, verifiable: Tensor) -> Tensor:
         """``action="regions"``: ``[B, 3, H, W]`` images in [0, 1] with only the regions that
@@ -259,8 +264,7 @@ class CheckStep(nn.Module):
             True
         """
         params = self.censor_params
-        base = params["censor"]
-        base_params = {name: params[name] for name in ("radius", "block_size") if name in params}
+        base, base_params = self._whole_censor()
         whole = censor.apply(unit, verifiable, base, **base_params)
         level = self.level.index
         # Where an image cannot be scored its map is 1 everywhere; it is censored whole below.

@@ -38,7 +38,7 @@ from .check import CheckStep
 from .decode import iter_frames
 from .inputs import to_image_batches
 from .own_files import append_line, glued_lines, new_temporary_file
-from .preprocess import WHITE, composite_alpha, to_unit_range
+from .preprocess import seen_rgb
 from .verdict_metadata import validate_verdict, verdict_save_options
 
 __all__ = ["MANIFEST_NAME", "CopyConflict", "CopyFolder", "save_censored"]
@@ -249,9 +249,7 @@ def save_censored(
     for frame in iter_frames(data):
         batch = to_image_batches(frame)[0]
         verifiable = torch.isfinite(batch.pixels).all().view(1)  # else blanked, whatever the action
-        # What the detector saw: alpha composited over white, gray as RGB; then censored.
-        unit = composite_alpha(to_unit_range(batch.pixels, batch.value_range), WHITE)
-        unit = unit.expand(-1, 3, -1, -1)
+        unit = seen_rgb(batch)  # what the detector saw; then censored
         censored = step.censor(unit, flagged, verifiable, "0,1")
         array = (censored[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
         frames.append(Image.fromarray(array.numpy()))

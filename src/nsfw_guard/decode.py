@@ -33,7 +33,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .inputs import ImageBatch, to_image_batches
-from .preprocess import WHITE, composite_alpha, to_unit_range
+from .preprocess import seen_rgb
 
 __all__ = [
     "FILE_PIXELS_IN_FRAMES",
@@ -445,7 +445,7 @@ def _unlike_thumbnail(
     if thumbnail is None:
         return []
     batches = _to_batches(thumbnail, target_size)
-    shown, miniature = _seen(batches[0]), _seen(first)
+    shown, miniature = seen_rgb(batches[0]), seen_rgb(first)
     miniature = torch.nn.functional.interpolate(miniature, shown.shape[-2:], mode="area")
     differs = (shown - miniature).abs().amax(dim=1) > THUMBNAIL_PIXEL_DIFFERS
     return batches if differs.float().mean() > THUMBNAIL_AREA_DIFFERS else []
@@ -489,12 +489,6 @@ _TRANSPOSES = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-
-
-def _seen(batch: ImageBatch) -> torch.Tensor:
-    """``[1, 3, H, W]`` in [0, 1]: a batch as the detector sees it (alpha over white)."""
-    unit = composite_alpha(to_unit_range(batch.pixels, batch.value_range), WHITE)
-    return unit.expand(-1, 3, -1, -1).float()
 
 
 def _float_range(frame: Image.Image) -> str:

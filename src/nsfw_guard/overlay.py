@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 from . import censor
 from .decode import decode_frames
 from .levels import NSFWLevel, parse_check_level
-from .preprocess import WHITE, composite_alpha, to_unit_range
+from .preprocess import seen_rgb
 from .scoring import REGION_MAP_MODES, NSFWScorer, region_grid
 
 __all__ = ["MAP_SIDE", "OVERLAY_COLOR", "OverlayMap", "overlay_png", "region_overlay_map"]
@@ -64,8 +64,7 @@ def region_overlay_map(
     device = scorer.preprocess.mean.device
     worst, worst_score, unit = 0, -1.0, None
     for number, frame in enumerate(decode_frames(data, None, MAP_SIDE)):
-        pixels = composite_alpha(to_unit_range(frame.pixels, frame.value_range), WHITE)
-        pixels = pixels.expand(-1, 3, -1, -1).to(device)
+        pixels = seen_rgb(frame).to(device)
         score = float(scorer(pixels, "0,1")[0, index])
         if unit is None or score > worst_score:
             worst, worst_score, unit = number, score, pixels

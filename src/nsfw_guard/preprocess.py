@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .inputs import AUTO_0_255_ABOVE, parse_value_range
+from .inputs import AUTO_0_255_ABOVE, ImageBatch, parse_value_range
 
 __all__ = [
     "WHITE",
@@ -25,6 +25,7 @@ __all__ = [
     "Preprocess",
     "composite_alpha",
     "resized_size",
+    "seen_rgb",
     "to_unit_range",
     "unit_affine",
 ]
@@ -247,6 +248,22 @@ def to_unit_range(images: Tensor, value_range: str = "auto") -> Tensor:
     images = images.to(torch.float32)
     low, high, scale, offset = unit_affine(images, parse_value_range(value_range))
     return (images.clamp(low, high) * scale + offset).nan_to_num_(0.0)
+
+
+def seen_rgb(batch: ImageBatch) -> Tensor:
+    """``[N, 3, H, W]`` float32 in [0, 1]: decoded images as the detector sees them (alpha over
+    white, gray as RGB), for what people are shown of them (thumbnails, maps, censored copies).
+
+    Example:
+        >>> seen_rgb(ImageBatch(torch.full((1, 2, 1, 1), 255, dtype=torch.uint8), "0,255"))
+        tensor([[[[1.]],
+        <BLANKLINE>
+                 [[1.]],
+        <BLANKLINE>
+                 [[1.]]]])
+    """
+    unit = composite_alpha(to_unit_range(batch.pixels, batch.value_range), WHITE)
+    return unit.expand(-1, 3, -1, -1)
 
 
 def unit_affine(images: Tensor, value_range: str):

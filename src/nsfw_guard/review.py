@@ -58,7 +58,7 @@ from .decode import decode_frames
 from .inputs import ImageBatch
 from .levels import parse_check_level
 from .own_files import append_line, glued_lines
-from .preprocess import WHITE, composite_alpha, to_unit_range
+from .preprocess import seen_rgb
 from .records import read_records, record_key
 from .scoring import NSFWScorer
 from .sources import ScanInput, find_images, read_input
@@ -526,8 +526,7 @@ def _recorded_bytes(record: dict[str, Any]) -> bytes:
 
 def _thumbnail(frame: ImageBatch) -> Image.Image:
     """A decoded frame as the RGB thumbnail people see (alpha over white, as the model sees it)."""
-    unit = composite_alpha(to_unit_range(frame.pixels, frame.value_range), WHITE)
-    array = (unit[0].expand(3, -1, -1).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+    array = (seen_rgb(frame)[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
     image = Image.fromarray(array.numpy())
     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     return image
